@@ -1,0 +1,5 @@
+"""Lightning glue: one callback per technique (thin; the math lives in optimizers/ and nn/)."""
+
+from lightning_ext.callbacks.base import Technique
+
+__all__ = ["Technique"]

@@ -1,0 +1,67 @@
+"""Base class of every technique callback: argument capture, manifest, state, resume checks."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+
+from lightning_ext.manifest import MANIFEST_KEY, check_manifest, manifest_entry
+
+
+class Technique(pl.Callback):
+    """A Lightning callback that applies one technique.
+
+    Subclasses get, for free:
+
+    * ``self.init_args``: the arguments their ``__init__`` was called with (defaults filled in),
+      written into every checkpoint's manifest (:mod:`lightning_ext.manifest`);
+    * a ``setup`` that refuses to resume from a checkpoint trained with other techniques;
+    * ``state_dict``/``load_state_dict`` that save ``self.state`` (a dict of tensors and plain
+      values) — put everything that must survive a resume there.
+    """
+
+    is_lightning_ext_technique: ClassVar[bool] = True
+    technique_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.technique_name:
+            cls.technique_name = cls.__name__
+        if "__init__" not in cls.__dict__:
+            return
+        init = cls.__init__
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def wrapped(self, *args: Any, **kw: Any) -> None:
+            if not hasattr(self, "init_args"):  # outermost __init__ wins
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                self.init_args = {k: v for k, v in list(bound.arguments.items())[1:]}
+            init(self, *args, **kw)
+
+        cls.__init__ = wrapped
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+
+    @property
+    def state_key(self) -> str:
+        return f"{type(self).__qualname__}[{self.technique_name}]"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_manifest(trainer)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        section = checkpoint.setdefault(MANIFEST_KEY, {"techniques": []})
+        section["techniques"].append(manifest_entry(self))
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.state)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state = dict(state_dict)

@@ -1,0 +1,6 @@
+"""Offline demo LightningModules that follow the per-sample loss contract."""
+
+from lightning_ext.models.char_llama import CharLlama
+from lightning_ext.models.mlp import MLPClassifier
+
+__all__ = ["CharLlama", "MLPClassifier"]
