@@ -43,7 +43,19 @@ class LightningExtCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """``lightning-ext`` and ``python -m lightning_ext``."""
-    LightningExtCLI(args=args)
+    try:
+        LightningExtCLI(args=args)
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    # torch 2.13 + gloo can abort at interpreter exit ("terminate called without an active
+    # exception") when the process group is still alive; Lightning's DDP teardown leaves it up.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _sdk_entry_point():

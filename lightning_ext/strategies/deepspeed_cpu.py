@@ -46,9 +46,9 @@ class DeepSpeedCPUStrategy(DeepSpeedStrategy):
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistryType) -> None:  # type: ignore[override]
-        strategy_registry.register(cls.strategy_name, cls, description="DeepSpeed on CPU (gloo)", force=True)
+        strategy_registry.register(cls.strategy_name, cls, description="DeepSpeed on CPU (gloo)", override=True)
         for stage in (1, 2, 3):
-            strategy_registry.register(f"deepspeed_cpu_stage_{stage}", cls, force=True,
+            strategy_registry.register(f"deepspeed_cpu_stage_{stage}", cls, override=True,
                                        description=f"DeepSpeed ZeRO stage {stage} on CPU (gloo)", stage=stage)
 
 

@@ -1,0 +1,126 @@
+"""Helpers for the cross-cutting tests: build a trainer for a registry entry, snapshot, compare."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from registry import Entry
+
+
+def technique_callbacks(trainer: pl.Trainer) -> dict[str, Any]:
+    """State of every callback that has any (keyed like Lightning's checkpoint)."""
+    return {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb.state_dict()}
+
+
+def snapshot(trainer: pl.Trainer) -> dict[str, Any]:
+    """Everything a resume must restore: weights, optimizer state, callback and datamodule state."""
+    module = trainer.lightning_module
+    return clone({
+        "model": module.state_dict(),
+        "optimizers": [opt.state_dict() for opt in trainer.optimizers],
+        "callbacks": technique_callbacks(trainer),
+        "datamodule": trainer.datamodule.state_dict() if trainer.datamodule is not None else {},
+        "global_step": trainer.global_step,
+    })
+
+
+def clone(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, Mapping):
+        return {k: clone(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone(v) for v in obj)
+    return obj
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Paths where two nested states differ (tensors compared bit for bit, with dtype and shape)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return [f"{path}: tensor vs {type(b if isinstance(a, torch.Tensor) else a).__name__}"]
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return [f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"]
+        if not torch.equal(a, b):
+            return [f"{path}: max |diff| {(a.double() - b.double()).abs().max().item():.3e}"]
+        return []
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = [f"{path}/{k}: missing on one side" for k in set(a) ^ set(b)]
+        for k in a:
+            if k in b:
+                out += differences(a[k], b[k], f"{path}/{k}")
+        return out
+    if isinstance(a, Sequence) and isinstance(b, Sequence) and not isinstance(a, str):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def make_trainer(entry: Entry, root: Path, max_steps: int, callbacks: list[pl.Callback] | None = None,
+                 **kwargs: Any) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root),
+                    num_sanity_val_steps=0, val_check_interval=10, limit_val_batches=2, deterministic=True)
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=[*entry.callbacks(), *(callbacks or [])], **defaults)
+
+
+def fit(entry: Entry, root: Path, max_steps: int, ckpt_path: str | None = None,
+        callbacks: list[pl.Callback] | None = None, **kwargs: Any) -> pl.Trainer:
+    pl.seed_everything(0, verbose=False)
+    model, data = entry.model(), entry.data()
+    trainer = make_trainer(entry, root, max_steps, callbacks, **kwargs)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def resume_differences(entry: Entry, root: Path) -> list[str]:
+    """Train ``entry.steps`` straight through; separately stop at ``entry.resume_at`` (checkpoint),
+    resume in fresh objects and finish. Returns where the two end states differ."""
+    straight = snapshot(fit(entry, root / "straight", entry.steps))
+    # saved from inside the training loop, as a preempted run's last checkpoint would be
+    saver = ModelCheckpoint(dirpath=root / "stopped", filename="stop", every_n_train_steps=entry.resume_at,
+                            save_top_k=-1)
+    fit(entry, root / "stopped", entry.resume_at, callbacks=[saver], enable_checkpointing=True)
+    ckpt = root / "stopped" / "stop.ckpt"
+    resumed = snapshot(fit(entry, root / "resumed", entry.steps, ckpt_path=str(ckpt)))
+    return differences(straight, resumed)
+
+
+class DumpRankState(pl.Callback):
+    """At the end of training, every rank writes its weights and technique state to ``out/rank<r>.pt``.
+
+    Under DeepSpeed the weights are gathered to full fp32 tensors first (a collective: every
+    rank takes part), so ranks can be compared whatever the ZeRO stage.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = {}
+        for name, p in pl_module.named_parameters():
+            if hasattr(p, "ds_id") or type(trainer.strategy).__name__.startswith("DeepSpeed"):
+                from deepspeed.utils import safe_get_full_fp32_param
+
+                full = safe_get_full_fp32_param(p)
+                params[name] = (full if full is not None else p).detach().clone()
+            else:
+                params[name] = p.detach().clone()
+        state = {"params": params, "callbacks": clone(technique_callbacks(trainer)),
+                 "global_step": trainer.global_step, "world_size": trainer.world_size}
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def rank_states(out: Path, world_size: int) -> list[dict[str, Any]]:
+    files = sorted(Path(out).glob("rank*.pt"))
+    assert len(files) == world_size, f"expected {world_size} rank files in {out}, found {[f.name for f in files]}"
+    return [torch.load(f, weights_only=False) for f in files]

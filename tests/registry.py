@@ -1,0 +1,49 @@
+"""One entry per technique; the cross-cutting tests (resume, ranks, config, DeepSpeed) run over all.
+
+An entry is the smallest setup that exercises the technique: a model, a datamodule, the
+technique's callbacks (or an optimizer chosen by the model), and its YAML under ``configs/``.
+Technique issues add an entry here; the cross-cutting tests pick it up without changes.
+Composer's ``algorithm_settings.py`` and peft's table-driven tests are the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+
+from lightning_ext.data import DigitsDataModule
+from lightning_ext.models import MLPClassifier
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    model: Callable[[], pl.LightningModule]
+    data: Callable[[], pl.LightningDataModule]
+    callbacks: Callable[[], list[pl.Callback]] = list
+    #: YAML under configs/ that uses the technique (round-trip and 2-step fit are tested)
+    config: str | None = None
+    #: per ZeRO stage: "train" (trains, ranks agree) or a regex the refusal message must match
+    deepspeed: Mapping[int, str] = field(default_factory=lambda: {1: "train", 2: "train", 3: "train"})
+    #: total steps, and where the resume test stops (mid-epoch on purpose)
+    steps: int = 30
+    resume_at: int = 13
+
+
+def _digits() -> DigitsDataModule:
+    # 1,617 training samples / 64 = 25 batches per epoch: 30 steps cross an epoch boundary
+    return DigitsDataModule(batch_size=64, seed=0)
+
+
+REGISTRY: list[Entry] = [
+    Entry(
+        name="baseline_adamw",
+        model=lambda: MLPClassifier(hidden=[32], lr=1e-2, weight_decay=0.01),
+        data=_digits,
+        config="configs/baseline.yaml",
+    ),
+]
+
+BY_NAME = {e.name: e for e in REGISTRY}
