@@ -21,6 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_ext._lightning_compat import pending_ckpt_path
+
 MANIFEST_KEY = "lightning_ext"
 
 
@@ -56,11 +58,11 @@ def techniques_from_checkpoint(ckpt_path: str | Path) -> list[pl.Callback]:
 def check_manifest(trainer: pl.Trainer, ckpt_path: str | Path | None = None) -> None:
     """Refuse to resume from a checkpoint whose techniques differ from the trainer's.
 
-    Runs once per trainer and checkpoint; ``ckpt_path`` defaults to ``trainer.ckpt_path``.
-    ``"last"``/``"best"`` and similar aliases are skipped here (Lightning resolves them later;
-    the techniques' own ``setup`` checks again with the resolved path).
+    Runs once per trainer and checkpoint; ``ckpt_path`` defaults to the checkpoint the current
+    run restores (known from ``setup`` on). Aliases such as ``"last"`` are skipped when given
+    explicitly (the techniques' own ``setup`` checks again with the resolved path).
     """
-    ckpt_path = ckpt_path if ckpt_path is not None else trainer.ckpt_path
+    ckpt_path = ckpt_path if ckpt_path is not None else pending_ckpt_path(trainer)
     if ckpt_path is None or not Path(ckpt_path).exists():
         return
     if getattr(trainer, "_lightning_ext_manifest_checked", None) == str(ckpt_path):
