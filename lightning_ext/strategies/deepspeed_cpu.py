@@ -7,7 +7,10 @@ subclass changes three things and nothing else:
 1. ``setup_environment`` skips the CUDA-only check and runs the DDP one;
 2. the process-group backend defaults to ``gloo``;
 3. CPU devices get explicit indices (``cpu`` -> ``cpu:i``) so Lightning's check that device
-   indices equal local ranks passes.
+   indices equal local ranks passes;
+4. the ZeRO communication buckets default to 5e6 elements (20 MB) instead of Lightning's GPU
+   default of 2e8 (800 MB): on CPU, allocating and zeroing 800 MB buckets made a 30-step ZeRO-2
+   run of a small MLP take 97 s instead of 22 s (mostly kernel time in page faults).
 
 It touches Lightning internals, which is why ``lightning`` is pinned to its minor version and
 ``tests/test_deepspeed.py`` runs it. Registered names: ``deepspeed_cpu`` and
@@ -17,17 +20,25 @@ It touches Lightning internals, which is why ``lightning`` is pinned to its mino
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+
+if not torch.cuda.is_available():
+    # Without this DeepSpeed's accelerator auto-detection prints a warning to *stdout* on import,
+    # which corrupts `--print_config` output. An explicit user setting wins.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
 
 
 class DeepSpeedCPUStrategy(DeepSpeedStrategy):
     strategy_name = "deepspeed_cpu"
 
-    def __init__(self, *args: Any, process_group_backend: str | None = "gloo", **kwargs: Any) -> None:
-        super().__init__(*args, process_group_backend=process_group_backend, **kwargs)
+    def __init__(self, *args: Any, process_group_backend: str | None = "gloo",
+                 reduce_bucket_size: float = 5e6, allgather_bucket_size: float = 5e6, **kwargs: Any) -> None:
+        super().__init__(*args, process_group_backend=process_group_backend, reduce_bucket_size=reduce_bucket_size,
+                         allgather_bucket_size=allgather_bucket_size, **kwargs)
 
     @property
     def parallel_devices(self) -> list[torch.device] | None:
