@@ -69,3 +69,21 @@ def test_lightning_command_runs_fit_itself(monkeypatch):
     monkeypatch.setattr(cli, "_sdk_entry_point", lambda: pytest.fail("fit must not reach lightning-sdk"))
     cli.lightning_main(["fit", "--config", "x.yaml"])
     assert called["argv"] == ["fit", "--config", "x.yaml"]
+
+
+@pytest.mark.slow
+def test_console_scripts_print_the_same_config(tmp_path):
+    """`lightning` and `lightning-ext` (the installed scripts) behave as `python -m lightning_ext`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reference = run_cli(["fit", "--config", str(QUICKSTART), "--print_config"], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    for script in ("lightning", "lightning-ext"):
+        path = Path(sys.executable).parent / script
+        assert path.exists(), f"console script {script} not installed next to {sys.executable}"
+        out = subprocess.run([str(path), "fit", "--config", str(QUICKSTART), "--print_config"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert yaml.safe_load(out.stdout) == yaml.safe_load(reference.stdout)

@@ -48,10 +48,6 @@ class Technique(pl.Callback):
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
 
-    @property
-    def state_key(self) -> str:
-        return f"{type(self).__qualname__}[{self.technique_name}]"
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_manifest(trainer)
 

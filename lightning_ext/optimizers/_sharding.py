@@ -1,0 +1,49 @@
+"""Refuse optimizers with per-tensor statistics when DeepSpeed hands them flat 1-D partitions.
+
+DeepSpeed ZeRO stages 1–3 (and its BF16 optimizer) replace every param group's ``params`` in
+the client optimizer with flat fp32 partitions after construction. An optimizer whose update
+depends on tensor shape or per-tensor reductions (AdamP's projection, FAdam's RMS clips)
+would silently compute something else there. Each such optimizer records at construction
+whether it was given any tensor with ``ndim >= 2``; at ``step`` a group that now holds only
+1-D tensors where there used to be matrices means a flattening wrapper, and the step raises.
+
+The ZeRO stage is named in the message when the caller is one of DeepSpeed's ZeRO optimizers
+(found by walking the caller frames — only on this error path).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def had_matrices(param_groups: list[dict]) -> bool:
+    return any(p.dim() >= 2 for g in param_groups for p in g["params"])
+
+
+def _deepspeed_caller() -> str:
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            name = type(owner).__name__ if owner is not None else ""
+            if name == "DeepSpeedZeroOptimizer_Stage3":
+                return "DeepSpeed ZeRO stage 3"
+            if name == "DeepSpeedZeroOptimizer":
+                return f"DeepSpeed ZeRO stage {2 if getattr(owner, 'partition_gradients', False) else 1}"
+            if name == "BF16_Optimizer":
+                return "DeepSpeed's BF16 optimizer (ZeRO stage 1)"
+            frame = frame.f_back
+        return "a wrapper that flattens parameters (DeepSpeed ZeRO stage 1, 2 or 3, or its BF16 optimizer)"
+    finally:
+        del frame
+
+
+def check_full_shapes(optimizer: torch.optim.Optimizer, expected: bool, what: str) -> None:
+    """Raise if the optimizer was built with matrices but now sees only flat 1-D tensors."""
+    if expected and not had_matrices(optimizer.param_groups):
+        raise RuntimeError(
+            f"{type(optimizer).__name__} needs full-shape parameters for {what}, but its param groups now hold only "
+            f"flat 1-D partitions: it is running under {_deepspeed_caller()}, which would silently change the "
+            "algorithm. Use DDP, or DeepSpeed without ZeRO partitioning (stage 0, fp32), for this optimizer.")
