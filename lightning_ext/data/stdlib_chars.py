@@ -66,7 +66,8 @@ class StdlibCharDataModule(ResumableDataModule):
         seq_len: characters per training window.
         batch_size: windows per batch (per process).
         train_chars / val_chars: how much text to read for each split (from the start of the
-            sorted file list), so the demo's size does not depend on the Python version.
+            sorted file list), so the demo's size does not depend on the Python version (its
+            content does: it is that version's standard library).
         val_every: every ``val_every``-th file goes to validation.
         seed: shuffling seed (epoch-dependent permutation, identical on every run).
         root: a different source tree to read instead of the standard library.

@@ -3,4 +3,7 @@
 AdamW is torch's own (``torch.optim.AdamW``): name it in YAML as ``class_path: torch.optim.AdamW``.
 """
 
-__all__: list[str] = []
+from lightning_ext.optimizers.adamp import SGDP, AdamP
+from lightning_ext.optimizers.fadam import FAdam
+
+__all__ = ["AdamP", "FAdam", "SGDP"]
