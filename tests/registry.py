@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
 
+import importlib
+
+import torch
+
 from lightning_ext.data import DigitsDataModule
 from lightning_ext.models import MLPClassifier
 
@@ -32,6 +36,24 @@ class Entry:
     resume_at: int = 13
 
 
+class MLPWith(MLPClassifier):
+    """The demo MLP (with BatchNorm, so scale-invariant weights exist) trained by a given optimizer."""
+
+    def __init__(self, optimizer: str, **optimizer_args) -> None:
+        # a class path, not a class: hyper-parameters in checkpoints must load with weights_only=True
+        super().__init__(hidden=[32], batch_norm=True)
+        self.optimizer_path, self.optimizer_args = optimizer, optimizer_args
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        module, _, name = self.optimizer_path.rpartition(".")
+        return getattr(importlib.import_module(module), name)(self.parameters(), **self.optimizer_args)
+
+
+#: what a shape-dependent optimizer must say under DeepSpeed ZeRO (the stage is checked too)
+FLAT_PARTITIONS = r"flat 1-D partitions.*DeepSpeed ZeRO stage"
+REFUSE_ZERO = {1: FLAT_PARTITIONS, 2: FLAT_PARTITIONS, 3: FLAT_PARTITIONS}
+
+
 def _digits() -> DigitsDataModule:
     # 1,617 training samples / 64 = 25 batches per epoch: 30 steps cross an epoch boundary
     return DigitsDataModule(batch_size=64, seed=0)
@@ -44,6 +66,13 @@ REGISTRY: list[Entry] = [
         data=_digits,
         config="configs/baseline.yaml",
     ),
+    Entry(name="adamp", data=_digits, config="configs/optimizers/adamp.yaml", deepspeed=REFUSE_ZERO,
+          model=lambda: MLPWith("lightning_ext.optimizers.AdamP", lr=3e-3, weight_decay=1e-2, nesterov=True)),
+    Entry(name="sgdp", data=_digits, config="configs/optimizers/sgdp.yaml", deepspeed=REFUSE_ZERO,
+          model=lambda: MLPWith("lightning_ext.optimizers.SGDP", lr=0.05, momentum=0.9, weight_decay=1e-4,
+                                nesterov=True)),
+    Entry(name="fadam", data=_digits, model=lambda: MLPWith("lightning_ext.optimizers.FAdam", lr=3e-3),
+          config="configs/optimizers/fadam.yaml", deepspeed=REFUSE_ZERO),
 ]
 
 BY_NAME = {e.name: e for e in REGISTRY}

@@ -13,13 +13,16 @@ from lightning_ext.losses import per_sample_cross_entropy
 class MLPClassifier(pl.LightningModule):
     """``in -> hidden (ReLU) x len(hidden) -> classes``; ``self.net`` is an ``nn.Sequential``.
 
+    With ``batch_norm=True`` each hidden Linear (then without bias) is followed by BatchNorm, which
+    makes its weight scale-invariant (what AdamP/SGDP's projection acts on).
+
     ``training_step`` follows the per-sample loss contract (``loss``, ``per_sample_loss``,
     ``num_tokens`` = 1 per sample, ``logits``); validation logs ``val/acc`` and ``val/loss``.
     Without a CLI ``optimizer:`` section it uses torch's AdamW(lr, weight_decay).
     """
 
     def __init__(self, in_features: int = 64, hidden: list[int] | None = None, num_classes: int = 10,
-                 lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+                 lr: float = 1e-3, weight_decay: float = 0.0, batch_norm: bool = False) -> None:
         super().__init__()
         hidden = [64] if hidden is None else list(hidden)
         if in_features < 1 or num_classes < 2 or any(h < 1 for h in hidden):
@@ -31,7 +34,8 @@ class MLPClassifier(pl.LightningModule):
         layers: list[nn.Module] = []
         widths = [in_features, *hidden]
         for a, b in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
+            layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b)] if batch_norm else [nn.Linear(a, b)]
+            layers.append(nn.ReLU())
         layers.append(nn.Linear(widths[-1], num_classes))
         self.net = nn.Sequential(*layers)
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
