@@ -35,10 +35,11 @@ def projection_coefficients(w: torch.Tensor, g: torch.Tensor, d: torch.Tensor, d
     rows = w.shape[0]
     w2, g2, d2 = w.reshape(rows, -1), g.reshape(rows, -1), d.reshape(rows, -1)
     n_channel = w2.shape[1]
-    w_sq = (w2 * w2).sum(1)
-    g_sq = (g2 * g2).sum(1)
-    gw = (g2 * w2).sum(1)
-    wd = (w2 * d2).sum(1)
+    # norms and row dot products without full-size temporaries (einsum -> batched matvec)
+    w_sq = torch.linalg.vector_norm(w2, dim=1).square()
+    g_sq = torch.linalg.vector_norm(g2, dim=1).square()
+    gw = torch.einsum("ij,ij->i", g2, w2)
+    wd = torch.einsum("ij,ij->i", w2, d2)
     channel = _cosine(gw, w_sq.sqrt(), g_sq.sqrt(), eps).amax() < delta / math.sqrt(n_channel)
     w_norm_all = w_sq.sum().sqrt()
     layer = _cosine(gw.sum(), w_sq.sum().sqrt(), g_sq.sum().sqrt(), eps) < delta / math.sqrt(w.numel())

@@ -85,7 +85,7 @@ class FAdam(Optimizer):
         eps2: RMS multiplier of the ``v2``/``pow2p`` modes (default 1e-3 / 1e-2).
         min_denominator: floor of D (>= 0).
         dead_coord_wd: ``"mask"`` or ``"paper"`` (see the module docstring).
-        foreach: multi-tensor path (default: on for more than one tensor).
+        foreach: multi-tensor path (default: on for CUDA tensors, as in torch.optim).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -173,10 +173,9 @@ def _decay_term(w: torch.Tensor, denom: torch.Tensor, fim: torch.Tensor, clip: f
     wbar = w.to(denom.dtype) / denom
     if dead_coord_wd == "paper":
         return _clip_(wbar, _rms(wbar), clip)
-    live = fim != 0
-    wbar = torch.where(live, wbar, torch.zeros_like(wbar))
-    rms = torch.linalg.vector_norm(wbar) / live.sum().clamp_min(1).to(wbar.dtype).sqrt()
-    return _clip_(wbar, rms, clip)
+    wbar.masked_fill_(fim == 0, 0.0)
+    live = torch.count_nonzero(fim).clamp_min(1).to(wbar.dtype)
+    return _clip_(wbar, torch.linalg.vector_norm(wbar) / live.sqrt(), clip)
 
 
 def fadam(params: list[torch.Tensor], grads: list[torch.Tensor], momenta: list[torch.Tensor],
@@ -204,10 +203,9 @@ def _single_tensor_fadam(params, grads, momenta, fims, steps, *, lr, beta1, beta
         denom = (f.sqrt() if p == 0.5 else f.pow(p)).add_(eps_t).clamp_min_(min_denominator)
         gbar = g / denom
         m.lerp_(_clip_(gbar, _rms(gbar), clip), 1 - beta1)
-        update = m.clone()
         if weight_decay > 0:
-            update.add_(_decay_term(w, denom, f, clip, dead_coord_wd), alpha=weight_decay)
-        w.add_(update.to(w.dtype), alpha=-lr)
+            w.add_(_decay_term(w, denom, f, clip, dead_coord_wd).to(w.dtype), alpha=-lr * weight_decay)
+        w.add_(m.to(w.dtype), alpha=-lr)
 
 
 def _multi_tensor_fadam(params, grads, momenta, fims, steps, *, lr, beta1, beta2, eps, weight_decay, clip, p,
