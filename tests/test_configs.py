@@ -3,7 +3,6 @@ config, and `fit` runs 2 steps from it. Registry entries must point at an existi
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml

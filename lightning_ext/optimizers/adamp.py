@@ -39,10 +39,8 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch.optim import Optimizer
-
+from lightning_ext.optimizers._base import PerTensorOptimizer
 from lightning_ext.optimizers._projection import projection_coefficients
-from lightning_ext.optimizers._sharding import check_full_shapes, had_matrices
 
 __all__ = ["AdamP", "SGDP", "adamp", "sgdp"]
 
@@ -63,7 +61,7 @@ def _use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:
     return len(params) > 1 and all(p.device.type == "cuda" for p in params)
 
 
-class AdamP(Optimizer):
+class AdamP(PerTensorOptimizer):
     """AdamP (see the module docstring). Arguments and defaults as ``adamp.AdamP`` 0.3.0.
 
     Args:
@@ -79,6 +77,11 @@ class AdamP(Optimizer):
         foreach: multi-tensor path (default: on for CUDA tensors, as in torch.optim).
     """
 
+    state_factories = {"step": lambda p: torch.tensor(0.0),
+                       "exp_avg": lambda p: torch.zeros_like(p, memory_format=torch.preserve_format),
+                       "exp_avg_sq": lambda p: torch.zeros_like(p, memory_format=torch.preserve_format)}
+    needs_full_shapes_for = "its scale-invariance projection"
+
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1,
                  nesterov: bool = False, foreach: bool | None = None) -> None:
@@ -92,42 +95,12 @@ class AdamP(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
                         wd_ratio=wd_ratio, nesterov=nesterov, foreach=foreach)
         super().__init__(params, defaults)
-        self._had_matrices = had_matrices(self.param_groups)
 
-    def _init_group(self, group: dict, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list,
-                    steps: list) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamP does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        check_full_shapes(self, self._had_matrices, "its scale-invariance projection")
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
-            if params:
-                beta1, beta2 = group["betas"]
-                adamp(params, grads, exp_avgs, exp_avg_sqs, steps, foreach=group["foreach"], lr=group["lr"],
-                      beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                      delta=group["delta"], wd_ratio=group["wd_ratio"], nesterov=group["nesterov"])
-        return loss
+    def _update(self, group, params, grads, states) -> None:
+        beta1, beta2 = group["betas"]
+        adamp(params, grads, states["exp_avg"], states["exp_avg_sq"], states["step"], foreach=group["foreach"],
+              lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+              delta=group["delta"], wd_ratio=group["wd_ratio"], nesterov=group["nesterov"])
 
 
 def adamp(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -212,7 +185,7 @@ def _foreach_scale_(tensors: list[torch.Tensor], factors: list[torch.Tensor | fl
         torch._foreach_mul_([t for t, _ in tensor], [f for _, f in tensor])
 
 
-class SGDP(Optimizer):
+class SGDP(PerTensorOptimizer):
     """SGDP (see the module docstring). Arguments and defaults as ``adamp.SGDP`` 0.3.0.
 
     Args:
@@ -224,6 +197,9 @@ class SGDP(Optimizer):
         nesterov: Nesterov momentum.
         eps, delta, wd_ratio, foreach: as in :class:`AdamP`.
     """
+
+    state_factories = {"momentum": lambda p: torch.zeros_like(p, memory_format=torch.preserve_format)}
+    needs_full_shapes_for = "its scale-invariance projection"
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
@@ -238,36 +214,11 @@ class SGDP(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, foreach=foreach)
         super().__init__(params, defaults)
-        self._had_matrices = had_matrices(self.param_groups)
 
-    def _init_group(self, group: dict, params: list, grads: list, bufs: list) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("SGDP does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            bufs.append(state["momentum"])
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        check_full_shapes(self, self._had_matrices, "its scale-invariance projection")
-        for group in self.param_groups:
-            params, grads, bufs = [], [], []
-            self._init_group(group, params, grads, bufs)
-            if params:
-                sgdp(params, grads, bufs, foreach=group["foreach"], lr=group["lr"], momentum=group["momentum"],
-                     dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                     eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"])
-        return loss
+    def _update(self, group, params, grads, states) -> None:
+        sgdp(params, grads, states["momentum"], foreach=group["foreach"], lr=group["lr"], momentum=group["momentum"],
+             dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+             eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"])
 
 
 def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *, foreach: bool | None,

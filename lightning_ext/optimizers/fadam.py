@@ -53,9 +53,7 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch.optim import Optimizer
-
-from lightning_ext.optimizers._sharding import check_full_shapes, had_matrices
+from lightning_ext.optimizers._base import PerTensorOptimizer
 from lightning_ext.optimizers.adamp import _check, _use_foreach
 
 __all__ = ["FAdam", "fadam", "EPS_MODES"]
@@ -69,7 +67,7 @@ def _state_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
-class FAdam(Optimizer):
+class FAdam(PerTensorOptimizer):
     """FAdam (see the module docstring).
 
     Args:
@@ -87,6 +85,11 @@ class FAdam(Optimizer):
         dead_coord_wd: ``"mask"`` or ``"paper"`` (see the module docstring).
         foreach: multi-tensor path (default: on for CUDA tensors, as in torch.optim).
     """
+
+    state_factories = {"step": lambda p: torch.tensor(0.0),
+                       "momentum": lambda p: torch.zeros_like(p, dtype=_state_dtype(p)),
+                       "fim": lambda p: torch.zeros_like(p, dtype=_state_dtype(p))}
+    needs_full_shapes_for = "its per-tensor RMS clipping"
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.1, clip: float = 1.0, p: float = 0.5,
@@ -111,42 +114,13 @@ class FAdam(Optimizer):
                         eps_mode=eps_mode, eps2=eps2, min_denominator=min_denominator,
                         dead_coord_wd=dead_coord_wd, foreach=foreach)
         super().__init__(params, defaults)
-        self._had_matrices = had_matrices(self.param_groups)
 
-    def _init_group(self, group: dict, params: list, grads: list, momenta: list, fims: list, steps: list) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("FAdam does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["momentum"] = torch.zeros_like(p, dtype=_state_dtype(p))
-                state["fim"] = torch.zeros_like(p, dtype=_state_dtype(p))
-            params.append(p)
-            grads.append(p.grad)
-            momenta.append(state["momentum"])
-            fims.append(state["fim"])
-            steps.append(state["step"])
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        check_full_shapes(self, self._had_matrices, "its per-tensor RMS clipping")
-        for group in self.param_groups:
-            params, grads, momenta, fims, steps = [], [], [], [], []
-            self._init_group(group, params, grads, momenta, fims, steps)
-            if params:
-                beta1, beta2 = group["betas"]
-                fadam(params, grads, momenta, fims, steps, foreach=group["foreach"], lr=group["lr"], beta1=beta1,
-                      beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], clip=group["clip"],
-                      p=group["p"], eps_mode=group["eps_mode"], eps2=group["eps2"],
-                      min_denominator=group["min_denominator"], dead_coord_wd=group["dead_coord_wd"])
-        return loss
+    def _update(self, group, params, grads, states) -> None:
+        beta1, beta2 = group["betas"]
+        fadam(params, grads, states["momentum"], states["fim"], states["step"], foreach=group["foreach"],
+              lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+              clip=group["clip"], p=group["p"], eps_mode=group["eps_mode"], eps2=group["eps2"],
+              min_denominator=group["min_denominator"], dead_coord_wd=group["dead_coord_wd"])
 
 
 def _adaptive_eps(rms_g: torch.Tensor, eps: float, eps2: float, p: float, mode: str) -> torch.Tensor:

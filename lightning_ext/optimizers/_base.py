@@ -1,0 +1,62 @@
+"""The shared shell of the per-tensor optimizers (AdamP, SGDP, FAdam), in torch.optim's layering.
+
+``step`` runs the closure, refuses flat 1-D partitions (DeepSpeed ZeRO, see :mod:`._sharding`),
+and for each param group gathers the parameters with gradients and their state lists
+(``_init_group``, creating state on first use), then calls the subclass's functional update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_ext.optimizers._sharding import check_full_shapes, had_matrices
+
+
+class PerTensorOptimizer(Optimizer):
+    #: state key -> factory(param) creating the state tensor on first use
+    state_factories: ClassVar[dict[str, Callable[[torch.Tensor], torch.Tensor]]] = {}
+    #: what needs full-shape tensors, for the flat-partition refusal message
+    needs_full_shapes_for: ClassVar[str] = ""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._had_matrices = had_matrices(self.param_groups)
+
+    def _init_group(self, group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, list]]:
+        params, grads = [], []
+        states: dict[str, list[torch.Tensor]] = {key: [] for key in self.state_factories}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                for key, factory in self.state_factories.items():
+                    state[key] = factory(p)
+            params.append(p)
+            grads.append(p.grad)
+            for key in self.state_factories:
+                states[key].append(state[key])
+        return params, grads, states
+
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
+                states: dict[str, list[torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        check_full_shapes(self, self._had_matrices, self.needs_full_shapes_for)
+        for group in self.param_groups:
+            params, grads, states = self._init_group(group)
+            if params:
+                self._update(group, params, grads, states)
+        return loss
