@@ -46,3 +46,17 @@ def test_deepspeed_cpu(entry, stage, tmp_path):
         assert errors, f"expected a refusal matching {expected!r}; run ended with rc={proc.returncode}"
         message = errors[0].read_text().splitlines()[0]
         assert re.search(expected, message) and f"stage {stage}" in message.lower(), message
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_manifest_is_read_from_a_deepspeed_checkpoint_directory(tmp_path):
+    from lightning_ext.manifest import read_manifest
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "deepspeed_manifest.py")
+    proc = subprocess.run([sys.executable, script, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=480)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ckpt").is_dir()
+    assert read_manifest(tmp_path / "ckpt") == [
+        {"name": "Gate", "class_path": "toy_techniques.Gate", "init_args": {"target_modules": ["net.0"], "init": 0.5}}]
