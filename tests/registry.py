@@ -17,6 +17,7 @@ import importlib
 
 import torch
 
+from lightning_ext.callbacks import LAWN
 from lightning_ext.data import DigitsDataModule
 from lightning_ext.models import MLPClassifier
 
@@ -73,6 +74,11 @@ REGISTRY: list[Entry] = [
                                 nesterov=True)),
     Entry(name="fadam", data=_digits, model=lambda: MLPWith("lightning_ext.optimizers.FAdam", lr=3e-3),
           config="configs/optimizers/fadam.yaml", deepspeed=REFUSE_ZERO),
+    # free phase ends at step 10: the resume test stops (13) and resumes inside the constrained phase
+    Entry(name="lawn", data=_digits, config="configs/lawn.yaml",
+          model=lambda: MLPClassifier(hidden=[32], batch_norm=True, lr=1e-2),
+          callbacks=lambda: [LAWN(free_steps=10, layers=["net.3"])],
+          deepspeed={s: "LAWN under DeepSpeed ZeRO stage" for s in (1, 2, 3)}),
 ]
 
 BY_NAME = {e.name: e for e in REGISTRY}

@@ -1,5 +1,6 @@
 """Lightning glue: one callback per technique (thin; the math lives in optimizers/ and nn/)."""
 
 from lightning_ext.callbacks.base import Technique
+from lightning_ext.callbacks.lawn import LAWN
 
-__all__ = ["Technique"]
+__all__ = ["LAWN", "Technique"]

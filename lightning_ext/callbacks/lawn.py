@@ -1,0 +1,97 @@
+"""LAWN as a callback: constrain the final layers' weight norms of any LightningModule.
+
+Wraps what the module's ``configure_optimizers`` returns with
+:class:`lightning_ext.optimizers.LAWN` (see there for the algorithm, the reconstruction and its
+options). Target layers: explicit module names, or ``None`` for the last ``nn.Linear``/conv layer
+of the module in registration order — the classifier head of the usual network — with a warning
+naming the choice. A head with a bias is not homogeneous in its weight alone: the bias is left
+unconstrained and a warning says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_ext.callbacks.base import Technique
+from lightning_ext.callbacks.optimizer_injection import deepspeed_stage, inject
+from lightning_ext.optimizers.lawn import CONSTRAINTS, LAWN as LAWNOptimizer, NORM_SCOPES
+from lightning_ext.surgery import select_modules
+
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class LAWN(Technique):
+    """Logit Attenuating Weight Normalization (arXiv 2108.05839) for any module's optimizer.
+
+    Args:
+        free_steps: optimizer steps before the constraint starts (>= 0).
+        layers: module names to constrain (peft-style suffix match); ``None``: the last Linear/conv.
+        norm_scope: ``"layer"`` or ``"row"``.
+        constraint: ``"sphere"`` or ``"ball"``.
+        project_grad: tangent-project the constrained gradients before each constrained step.
+    """
+
+    def __init__(self, free_steps: int, layers: list[str] | None = None, norm_scope: str = "layer",
+                 constraint: str = "sphere", project_grad: bool = False) -> None:
+        super().__init__()
+        if free_steps < 0:
+            raise ValueError(f"free_steps must be >= 0, got {free_steps}")
+        if norm_scope not in NORM_SCOPES:
+            raise ValueError(f"norm_scope must be one of {NORM_SCOPES}, got {norm_scope!r}")
+        if constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        if layers is not None and not layers:
+            raise ValueError("layers: give module names, or None to pick the last Linear/conv layer")
+        self.free_steps, self.layers, self.norm_scope = free_steps, layers, norm_scope
+        self.constraint, self.project_grad = constraint, project_grad
+        self.optimizers: list[LAWNOptimizer] = []
+
+    def _targets(self, pl_module: pl.LightningModule) -> list[tuple[str, nn.Module]]:
+        if self.layers is not None:
+            return select_modules(pl_module, self.layers, what="LAWN layers")
+        candidates = select_modules(pl_module, types=_LAYER_TYPES, what="LAWN layers")
+        name, module = candidates[-1]
+        warnings.warn(f"LAWN constrains {name!r} ({type(module).__name__}), the module's last Linear/conv layer; "
+                      "pass layers=[...] to choose the final homogeneous sub-network yourself", stacklevel=2)
+        return [(name, module)]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        zero = deepspeed_stage(trainer)
+        if zero:
+            raise RuntimeError(f"LAWN under DeepSpeed ZeRO stage {zero} is not supported: the optimizer updates fp32 "
+                               "master partitions, which would overwrite LAWN's re-scaled weights. Use DDP.")
+        targets = self._targets(pl_module)
+        weights = []
+        for name, module in targets:
+            if not isinstance(getattr(module, "weight", None), nn.Parameter):
+                raise ValueError(f"LAWN layers: {name!r} ({type(module).__name__}) has no weight parameter")
+            weights.append(module.weight)
+            if getattr(module, "bias", None) is not None:
+                warnings.warn(f"LAWN: {name!r} has a bias, which breaks the homogeneity the constraint relies on; "
+                              "the bias is left unconstrained", stacklevel=2)
+
+        def wrap(optimizer):
+            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            mine = [w for w in weights if id(w) in owned]
+            if not mine:
+                return optimizer
+            wrapped = LAWNOptimizer(optimizer, mine, self.free_steps, self.norm_scope, self.constraint,
+                                    self.project_grad)
+            self.optimizers.append(wrapped)
+            return wrapped
+
+        self.optimizers = []
+        inject(pl_module, wrap, "_lightning_ext_lawn_injected")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        for opt in self.optimizers:
+            pl_module.log("lawn/constrained", float(not opt.in_free_phase))
+            radii = opt.radii()
+            if radii is not None:  # a tensor: Lightning reduces it without a host sync per step
+                pl_module.log("lawn/radius_mean", torch.stack([r.float().mean() for r in radii]).mean())

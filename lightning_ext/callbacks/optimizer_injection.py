@@ -1,0 +1,69 @@
+"""Wrap whatever a LightningModule's ``configure_optimizers`` returns (for optimizer-wrapper callbacks).
+
+Done in ``setup``, so Lightning (and DeepSpeed's engine) receive the wrapped optimizer;
+replacing ``trainer.optimizers`` after the fact is silently bypassed by DeepSpeed. Handles every
+return form Lightning accepts: an optimizer, a list/tuple of optimizers, ``(optimizers,
+schedulers)``, and ``{"optimizer": ..., "lr_scheduler": ...}`` dicts (schedulers are re-pointed at
+the wrapper, which shares the base's ``param_groups``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.optim import Optimizer
+
+Wrap = Callable[[Optimizer], Optimizer]
+
+
+def _repoint_scheduler(entry: Any, old: Optimizer, new: Optimizer) -> None:
+    scheduler = entry["scheduler"] if isinstance(entry, dict) else entry
+    if getattr(scheduler, "optimizer", None) is old:
+        scheduler.optimizer = new
+
+
+def wrap_configured(out: Any, wrap: Wrap) -> Any:
+    """Apply ``wrap`` to every optimizer in a ``configure_optimizers`` result."""
+    if isinstance(out, Optimizer):
+        return wrap(out)
+    if isinstance(out, dict):
+        out = dict(out)
+        old = out["optimizer"]
+        out["optimizer"] = wrap(old)
+        if "lr_scheduler" in out:
+            _repoint_scheduler(out["lr_scheduler"], old, out["optimizer"])
+        return out
+    if isinstance(out, (list, tuple)):
+        if len(out) == 2 and isinstance(out[0], (list, tuple)):  # (optimizers, schedulers)
+            optimizers, schedulers = list(out[0]), list(out[1])
+            wrapped = [wrap(o) for o in optimizers]
+            for old, new in zip(optimizers, wrapped):
+                for entry in schedulers:
+                    _repoint_scheduler(entry, old, new)
+            return wrapped, schedulers
+        return [wrap_configured(o, wrap) for o in out]
+    raise TypeError(f"cannot wrap the optimizers in a configure_optimizers result of type {type(out).__name__}")
+
+
+def inject(pl_module: pl.LightningModule, wrap: Wrap, marker: str) -> None:
+    """Make ``pl_module.configure_optimizers`` return wrapped optimizers (once per ``marker``)."""
+    if getattr(pl_module, marker, False):
+        return
+    original = pl_module.configure_optimizers
+
+    def configure_optimizers() -> Any:
+        return wrap_configured(original(), wrap)
+
+    pl_module.configure_optimizers = configure_optimizers
+    setattr(pl_module, marker, True)
+
+
+def deepspeed_stage(trainer: pl.Trainer) -> int | None:
+    """The ZeRO stage of a DeepSpeed strategy (``None`` for other strategies)."""
+    strategy = trainer.strategy
+    if "DeepSpeed" not in type(strategy).__name__:
+        return None
+    config = getattr(strategy, "config", None) or {}
+    return int(config.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,181 @@
+r"""LAWN: "Logit Attenuating Weight Normalization" (Gupta, Ramanath, Shi, Ramachandran, Zhou, Zhou,
+Keerthi; arXiv 2108.05839, 2021) as a wrapper around any optimizer.
+
+LAWN keeps the logits from growing (and the training loss from collapsing to ~0) by constraining
+the weight norms of the network's final homogeneous sub-network after a free phase:
+
+.. code-block:: text
+
+    S = constrained weights (e.g. the classifier head after the last normalisation layer)
+    steps 1 .. free_steps:  the base optimizer, unconstrained
+    then, at every step:    r_W = |W| recorded once (the norms reached by the free phase)
+                            [project_grad: g_W <- g_W - <g_W, Ŵ> Ŵ]
+                            base optimizer step
+                            W <- r_W W / |W|         (constraint="sphere")
+                            W <- W min(1, r_W / |W|) (constraint="ball")
+
+**This is a reconstruction.** No reference code exists and only the paper's abstract could be
+checked; every choice below is an option, and its default is ours:
+
+* ``norm_scope``: ``"layer"`` (Frobenius norm per tensor, default) or ``"row"`` (per output row);
+* ``constraint``: ``"sphere"`` (default) or ``"ball"``;
+* ``project_grad``: project the gradient onto the sphere's tangent space before the base step
+  (default off);
+* ``free_steps``: length of the free phase, in optimizer steps (required: the paper's value is unknown).
+
+Not offered: projecting the base optimizer's momentum, and switching weight decay off on S in the
+constrained phase — put S in a param group without weight decay instead (under the sphere
+constraint decoupled decay on S only rescales its step by 1/(1 - lr λ)).
+
+Wrapper state follows timm's Lookahead: the wrapper shares ``param_groups`` and ``state`` with the
+base optimizer; its step counter is a ``lawn_step`` entry of each param group and each radius a
+``lawn_radius`` entry of the constrained tensor's per-parameter state, so a checkpoint's
+optimizer layout is the base's. (A base that keeps no per-parameter state, e.g. SGD without
+momentum, saves no radius; a resume then re-reads it from the weights, equal up to rounding.) The base is stepped without a closure (the wrapper evaluates it first), so closure-only
+optimizers such as LBFGS are not supported.
+
+Under DeepSpeed ZeRO the module's weights are not the fp32 master copy that the optimizer
+updates, so re-scaling them would be overwritten: the step refuses when the constrained tensors
+are no longer in the param groups (the callback refuses earlier, at setup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_ext.optimizers._sharding import _deepspeed_caller
+
+__all__ = ["LAWN"]
+
+NORM_SCOPES = ("layer", "row")
+CONSTRAINTS = ("sphere", "ball")
+
+
+def _norms(w: torch.Tensor, scope: str) -> torch.Tensor:
+    if scope == "layer" or w.dim() < 2:
+        return torch.linalg.vector_norm(w)
+    return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).view([-1] + [1] * (w.dim() - 1))
+
+
+class LAWN(Optimizer):
+    """Wrap ``optimizer`` so that ``constrained`` tensors keep their norms after ``free_steps`` steps.
+
+    Args:
+        optimizer: any torch optimizer (its ``param_groups`` and ``state`` are shared).
+        constrained: the tensors to constrain; each must be a parameter of ``optimizer``.
+        free_steps: optimizer steps before the constraint starts (>= 0).
+        norm_scope: ``"layer"`` or ``"row"``.
+        constraint: ``"sphere"`` or ``"ball"``.
+        project_grad: tangent-project the gradients of constrained tensors before each
+            constrained step.
+    """
+
+    def __init__(self, optimizer: Optimizer, constrained: Iterable[torch.Tensor], free_steps: int,
+                 norm_scope: str = "layer", constraint: str = "sphere", project_grad: bool = False) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if free_steps < 0:
+            raise ValueError(f"free_steps must be >= 0, got {free_steps}")
+        if norm_scope not in NORM_SCOPES:
+            raise ValueError(f"norm_scope must be one of {NORM_SCOPES}, got {norm_scope!r}")
+        if constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        self.constrained = list(constrained)
+        if not self.constrained:
+            raise ValueError("constrained: no tensors given")
+        known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [tuple(p.shape) for p in self.constrained if id(p) not in known]
+        if missing:
+            raise ValueError(f"constrained: tensors of shapes {missing} are not parameters of the wrapped optimizer")
+        self.base = optimizer
+        self.free_steps, self.norm_scope, self.constraint = free_steps, norm_scope, constraint
+        self.project_grad = project_grad
+        self.defaults = optimizer.defaults
+        # share the base's groups and state (timm Lookahead); hooks of our own, as Optimizer.__init__ sets
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+        self._radii: list[torch.Tensor] | None = None
+        self._set_steps(0)
+
+    def _set_steps(self, n: int) -> None:
+        self._steps = n
+        for group in self.param_groups:
+            group["lawn_step"] = n
+
+    def __repr__(self) -> str:
+        return (f"LAWN({self.base!r}, constrained={len(self.constrained)} tensors, free_steps={self.free_steps}, "
+                f"norm_scope={self.norm_scope!r}, constraint={self.constraint!r}, project_grad={self.project_grad})")
+
+    @property
+    def in_free_phase(self) -> bool:
+        return self._steps < self.free_steps
+
+    def radii(self) -> list[torch.Tensor] | None:
+        """The recorded radius of each constrained tensor (``None`` during the free phase)."""
+        return self._radii
+
+    def _check_not_flattened(self) -> None:
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) not in known for p in self.constrained):
+            raise RuntimeError(
+                f"LAWN's constrained tensors are no longer parameters of the optimizer: it is running under "
+                f"{_deepspeed_caller()}, whose fp32 master partitions would overwrite the re-scaled weights. "
+                "Use DDP for LAWN.")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_not_flattened()
+        constrained_phase = not self.in_free_phase
+        if constrained_phase:
+            if self._radii is None:  # first constrained step: the norms reached by the free phase
+                self._radii = [_norms(p, self.norm_scope).clone() for p in self.constrained]
+            if self.project_grad:
+                for p in self.constrained:
+                    if p.grad is not None:
+                        unit = p / _norms(p, self.norm_scope).clamp_min(1e-30)
+                        dims = tuple(range(1, p.dim())) if self.norm_scope == "row" and p.dim() > 1 else None
+                        dot = (p.grad * unit).sum(dim=dims, keepdim=dims is not None)
+                        p.grad.sub_(unit * dot)
+        self.base.step()
+        self._set_steps(self._steps + 1)
+        if constrained_phase:
+            for p, r in zip(self.constrained, self._radii):
+                scale = r / _norms(p, self.norm_scope).clamp_min(1e-30)
+                if self.constraint == "ball":
+                    scale = scale.clamp_max(1.0)
+                p.mul_(scale)
+                if self.state[p]:  # never create a base's state entry: its lazy init tests for an empty dict
+                    self.state[p]["lawn_radius"] = r
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.base.add_param_group(param_group)
+
+    def state_dict(self) -> dict:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base.load_state_dict(state_dict)
+        self.param_groups, self.state = self.base.param_groups, self.base.state
+        self._set_steps(int(self.param_groups[0].get("lawn_step", 0)))
+        if self.in_free_phase:
+            self._radii = None
+        else:
+            self._radii = [self.state[p]["lawn_radius"] if "lawn_radius" in self.state[p]
+                           else _norms(p, self.norm_scope).clone() for p in self.constrained]
