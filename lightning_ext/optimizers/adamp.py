@@ -118,8 +118,9 @@ def _decay_factor(projected: torch.Tensor | None, lr: float, weight_decay: float
     plain = 1 - lr * weight_decay / divisor
     if projected is None:
         return plain
-    reduced = torch.tensor(1 - lr * weight_decay * wd_ratio / divisor, dtype=like.dtype, device=like.device)
-    return torch.where(projected, reduced, torch.tensor(plain, dtype=like.dtype, device=like.device))
+    # torch.full fills on the device; torch.tensor(x, device="cuda") would be a blocking host-to-device copy
+    reduced = torch.full((), 1 - lr * weight_decay * wd_ratio / divisor, dtype=like.dtype, device=like.device)
+    return torch.where(projected, reduced, plain)
 
 
 def _single_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
