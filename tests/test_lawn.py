@@ -172,3 +172,29 @@ def test_callback_auto_selects_the_head_and_attenuates_logits():
         logits_plain, logits_lawn = plain(x), lawn(x)
     assert logits_lawn.norm(dim=1).mean() < logits_plain.norm(dim=1).mean()
     assert nn.functional.cross_entropy(logits_lawn, y) > nn.functional.cross_entropy(logits_plain, y)
+
+
+def test_wraps_a_bitsandbytes_8bit_optimizer():
+    """bitsandbytes' 8-bit AdamW (runs on CPU) as LAWN's base: constraint holds, state round-trips."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 512, bias=False))  # 8-bit state: >4096
+    opt = LAWN(bnb.optim.AdamW8bit(model.parameters(), lr=1e-3), [model[2].weight], free_steps=2)
+    data = [torch.randn(8, 64, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    norms = []
+    for x in data[:5]:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        norms.append(model[2].weight.norm().item())
+    radius = opt.radii()[0].item()
+    assert norms[0] != norms[1] and all(abs(n - radius) <= 1e-5 * radius for n in norms[2:])
+    twin = copy.deepcopy(model)
+    opt2 = LAWN(bnb.optim.AdamW8bit(twin.parameters(), lr=1e-3), [twin[2].weight], free_steps=2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for m, o in ((model, opt), (twin, opt2)):
+        for x in data[5:]:
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
