@@ -47,6 +47,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_ext.optimizers._sharding import _deepspeed_caller
+from lightning_ext.optimizers._wrapper import WrapperOptimizer
 
 __all__ = ["LAWN"]
 
@@ -60,7 +61,7 @@ def _norms(w: torch.Tensor, scope: str) -> torch.Tensor:
     return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).view([-1] + [1] * (w.dim() - 1))
 
 
-class LAWN(Optimizer):
+class LAWN(WrapperOptimizer):
     """Wrap ``optimizer`` so that ``constrained`` tensors keep their norms after ``free_steps`` steps.
 
     Args:
@@ -90,26 +91,15 @@ class LAWN(Optimizer):
         missing = [tuple(p.shape) for p in self.constrained if id(p) not in known]
         if missing:
             raise ValueError(f"constrained: tensors of shapes {missing} are not parameters of the wrapped optimizer")
-        self.base = optimizer
+        super().__init__(optimizer)
         self.free_steps, self.norm_scope, self.constraint = free_steps, norm_scope, constraint
         self.project_grad = project_grad
-        self.defaults = optimizer.defaults
-        # share the base's groups and state (timm Lookahead); hooks of our own, as Optimizer.__init__ sets
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
         self._radii: list[torch.Tensor] | None = None
         self._set_steps(0)
 
     def _set_steps(self, n: int) -> None:
         self._steps = n
-        for group in self.param_groups:
-            group["lawn_step"] = n
+        self.set_group_counter("lawn_step", n)
 
     def __repr__(self) -> str:
         return (f"LAWN({self.base!r}, constrained={len(self.constrained)} tensors, free_steps={self.free_steps}, "
@@ -161,18 +151,8 @@ class LAWN(Optimizer):
                     self.state[p]["lawn_radius"] = r
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict) -> None:
-        self.base.add_param_group(param_group)
-
-    def state_dict(self) -> dict:
-        return self.base.state_dict()
-
     def load_state_dict(self, state_dict: dict) -> None:
-        self.base.load_state_dict(state_dict)
-        self.param_groups, self.state = self.base.param_groups, self.base.state
+        super().load_state_dict(state_dict)
         self._set_steps(int(self.param_groups[0].get("lawn_step", 0)))
         if self.in_free_phase:
             self._radii = None
