@@ -4,7 +4,8 @@ AdamW is torch's own (``torch.optim.AdamW``): name it in YAML as ``class_path: t
 """
 
 from lightning_ext.optimizers.adamp import SGDP, AdamP
+from lightning_ext.optimizers.cram import CrAM
 from lightning_ext.optimizers.fadam import FAdam
 from lightning_ext.optimizers.lawn import LAWN
 
-__all__ = ["LAWN", "AdamP", "FAdam", "SGDP"]
+__all__ = ["LAWN", "AdamP", "CrAM", "FAdam", "SGDP"]

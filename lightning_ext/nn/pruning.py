@@ -1,0 +1,111 @@
+"""Magnitude masks (global / per-layer top-k, N:M), one-shot pruning, BatchNorm utilities.
+
+Used by CrAM (Peste et al., ICLR 2023) during training and to evaluate its claim afterwards.
+Conventions, ours where they differ from the CrAM reference code:
+
+* top-k keeps exactly the ``ceil(n * (1 - sparsity))`` largest magnitudes (ties broken by
+  ``torch.topk``); the reference's percentile keeps one fewer;
+* N:M groups ``M`` consecutive weights along the GEMM input dimension: the last dimension of a
+  Linear weight, the input-channel dimension of a conv weight (viewed as ``(out, kh, kw, in)``),
+  as the reference does; a tensor whose size is not a multiple of ``M`` is left dense;
+* every ``_BatchNorm`` subclass (SyncBatchNorm included) is handled; the reference covers only
+  ``BatchNorm2d``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def topk_masks(tensors: Sequence[torch.Tensor], sparsity: float, scope: str = "global") -> list[torch.Tensor]:
+    """Boolean masks keeping the largest magnitudes: ``ceil(n (1 - sparsity))`` over all tensors
+    together (``scope="global"``) or per tensor (``"layer"``)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if scope == "layer":
+        return [topk_masks([t], sparsity, "global")[0] for t in tensors]
+    flat = torch.cat([t.detach().abs().flatten() for t in tensors])
+    keep = math.ceil(flat.numel() * (1.0 - sparsity))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.topk(flat, keep, sorted=False).indices] = True
+    return [m.view_as(t) for m, t in zip(mask.split([t.numel() for t in tensors]), tensors)]
+
+
+def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
+    """N:M mask (``n`` kept of every ``m`` along the input dimension), or ``None`` if it does not tile."""
+    if not 0 < n <= m:
+        raise ValueError(f"need 0 < n <= m, got n={n}, m={m}")
+    if weight.dim() < 2 or weight.numel() % m:
+        return None
+    w = weight.detach().abs()
+    grouped = w.permute(0, *range(2, w.dim()), 1) if w.dim() > 2 else w  # conv: (out, kh, kw, in)
+    groups = grouped.reshape(-1, m)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, torch.topk(groups, n, dim=1, sorted=False).indices, True)
+    mask = mask.view(grouped.shape)
+    return mask.permute(0, w.dim() - 1, *range(1, w.dim() - 1)) if w.dim() > 2 else mask
+
+
+def prunable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The default prunable set: every trainable tensor with ``ndim > 1`` (weights of Linear/conv/embedding)."""
+    return [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+
+
+@torch.no_grad()
+def one_shot_prune(model: nn.Module, sparsity: float, scope: str = "global",
+                   parameters: Iterable[nn.Parameter] | None = None) -> list[torch.Tensor]:
+    """Zero the smallest magnitudes in place (no retraining); returns the masks."""
+    params = list(parameters) if parameters is not None else prunable_parameters(model)
+    masks = topk_masks(params, sparsity, scope)
+    for p, mask in zip(params, masks):
+        p.mul_(mask)
+    return masks
+
+
+def batchnorm_modules(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+@contextlib.contextmanager
+def frozen_batchnorm_stats(modules: Iterable[_BatchNorm]) -> Iterator[None]:
+    """BatchNorm running statistics (and batch counters) come out of the block exactly as they went in."""
+    modules = [m for m in modules if m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in modules]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(modules, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, forward=None) -> None:
+    """Re-estimate BatchNorm statistics after pruning (BNT): reset them, then average them
+    cumulatively (momentum ``None``) over ``batches`` in train mode; the model's mode and the
+    modules' momenta are restored. ``forward(model, batch)`` defaults to ``model(batch)``."""
+    modules = batchnorm_modules(model)
+    if not modules:
+        return
+    was_training, momenta = model.training, [m.momentum for m in modules]
+    for m in modules:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        for batch in batches:
+            forward(model, batch) if forward is not None else model(batch)
+    finally:
+        for m, momentum in zip(modules, momenta):
+            m.momentum = momentum
+        model.train(was_training)

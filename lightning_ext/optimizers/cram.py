@@ -1,0 +1,162 @@
+r"""CrAM: "A Compression-Aware Minimizer" (Peste, Vladu, Kurtic, Lampert, Alistarh; ICLR 2023,
+arXiv 2207.14200) as a wrapper around any optimizer.
+
+CrAM trains a dense model that stays accurate after one-shot compression. Each step takes two
+forward/backward passes on the same batch (so it needs the closure):
+
+.. code-block:: text
+
+    g   = grad L(θ)                                  pass 1
+    θ'  = θ + ρ g          (grad_norm: ρ g / |g|)    all parameters with gradients
+    k   ~ sparsities (one draw per step, seeded by seed + step: identical on every rank)
+    θ~  = C_k(θ')          top-k by magnitude (global or per layer) or N:M, on the prunable tensors
+    g~  = grad L(θ~)                                 pass 2, BatchNorm running statistics untouched
+    sparse_grad: g~ <- M ⊙ g~ ;   restore θ (copy, storage kept)
+    base step with g~ (CrAM) or g~ + g (CrAM+, ``plus=True``)
+
+Defaults are the reference's ``TopkCrAM``: ρ = 0.05, sparsities (0.5, 0.7, 0.9), ``plus=True``,
+``sparse_grad=True``, ``grad_norm=False``, global top-k. N:M (``compression="nm"``) draws one of
+``nm_patterns`` per step (the reference: 2:4 or 4:8 with equal probability).
+
+Where we differ from the reference code (``IST-DASLab/CrAM`` b89d9ff), on purpose:
+
+* parameters are restored with ``copy_`` (the reference rebinds ``p.data``, which breaks flat
+  parameters and CUDA graphs);
+* masks are boolean and, with the backup and the clean gradient, freed after the step — the
+  state dict is the base optimizer's, and loading it restores the base's momentum (the reference
+  loses SGD's momentum on resume);
+* the sparsity draw is seeded by the step counter so every DDP rank compresses alike (the
+  reference samples from NumPy's global RNG, which diverges across processes);
+* top-k keeps exactly ceil(n (1 - k)) weights (the reference's percentile keeps one fewer);
+* BatchNorm statistics are restored after pass 2 for every ``_BatchNorm`` subclass (the
+  reference sets momentum 0 on ``BatchNorm2d`` only).
+
+Only the closure path is supported: Lightning passes the closure under fp32 and bf16-mixed with
+automatic optimization and ``accumulate_grad_batches=1``; ``lightning_ext.callbacks.CrAM`` refuses
+the other combinations at setup. The loss Lightning records for the step is pass 2's (the last
+closure call); ``step`` returns pass 1's.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_ext.nn.pruning import batchnorm_modules, frozen_batchnorm_stats, nm_mask, topk_masks
+from lightning_ext.optimizers._wrapper import WrapperOptimizer
+
+__all__ = ["CrAM"]
+
+COMPRESSIONS = ("topk", "nm")
+
+
+class CrAM(WrapperOptimizer):
+    """Compression-aware minimizer around ``optimizer`` (see the module docstring).
+
+    Args:
+        optimizer: the base optimizer (SGD with momentum in every reference configuration).
+        model: convenience: take ``prunable`` (tensors with ndim > 1) and ``batchnorm`` from it.
+        prunable: tensors the compression acts on (default: the model's, else every param with ndim > 1).
+        batchnorm: BatchNorm modules whose running statistics pass 2 must not change.
+        rho: perturbation radius (>= 0).
+        sparsities: top-k sparsities to draw from, each in [0, 1) ("CrAM-Multi" with several).
+        compression: ``"topk"`` or ``"nm"``.
+        scope: top-k over all prunable tensors together (``"global"``) or per tensor (``"layer"``).
+        nm_patterns: (N, M) patterns to draw from for ``compression="nm"``.
+        plus: CrAM+ (add the clean gradient).
+        sparse_grad: mask the pass-2 gradient (chain rule through the mask); else straight-through.
+        grad_norm: normalise the perturbation by the global gradient norm (SAM-style).
+        seed: seed of the per-step sparsity draw.
+    """
+
+    def __init__(self, optimizer: Optimizer, model: nn.Module | None = None,
+                 prunable: Iterable[torch.Tensor] | None = None, batchnorm: Iterable[nn.Module] | None = None,
+                 rho: float = 0.05, sparsities: Sequence[float] = (0.5, 0.7, 0.9), compression: str = "topk",
+                 scope: str = "global", nm_patterns: Sequence[tuple[int, int]] = ((2, 4), (4, 8)),
+                 plus: bool = True, sparse_grad: bool = True, grad_norm: bool = False, seed: int = 0) -> None:
+        if rho < 0:
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        if not sparsities or any(not 0.0 <= s < 1.0 for s in sparsities):
+            raise ValueError(f"sparsities must be a non-empty list of values in [0, 1), got {list(sparsities)}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        if scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        if not nm_patterns or any(not 0 < n <= m for n, m in nm_patterns):
+            raise ValueError(f"nm_patterns must be (N, M) pairs with 0 < N <= M, got {list(nm_patterns)}")
+        super().__init__(optimizer)
+        owned = [p for g in self.param_groups for p in g["params"]]
+        if prunable is None:
+            prunable = (p for p in model.parameters() if p.dim() > 1) if model is not None else (
+                p for p in owned if p.dim() > 1)
+        self.prunable = list(prunable)
+        known = {id(p) for p in owned}
+        if any(id(p) not in known for p in self.prunable):
+            raise ValueError("prunable: some tensors are not parameters of the wrapped optimizer")
+        if batchnorm is None:
+            batchnorm = batchnorm_modules(model) if model is not None else []
+        self.batchnorm = list(batchnorm)
+        self.rho, self.sparsities, self.compression, self.scope = rho, list(sparsities), compression, scope
+        self.nm_patterns = [tuple(p) for p in nm_patterns]
+        self.plus, self.sparse_grad, self.grad_norm, self.seed = plus, sparse_grad, grad_norm, seed
+        self.last_sparsity: float | tuple[int, int] | None = None
+        self._steps = 0
+        self.set_group_counter("cram_step", 0)
+
+    def _draw(self) -> float | tuple[int, int]:
+        rng = random.Random(self.seed * 1_000_003 + self._steps)  # identical on every rank
+        return rng.choice(self.nm_patterns if self.compression == "nm" else self.sparsities)
+
+    def masks(self, level: float | tuple[int, int]) -> list[torch.Tensor | None]:
+        """Masks of the prunable tensors at a sparsity (top-k) or an (N, M) pattern."""
+        if self.compression == "nm":
+            return [nm_mask(p, *level) for p in self.prunable]
+        return list(topk_masks(self.prunable, level, self.scope))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is None:
+            raise RuntimeError(
+                "CrAM needs the closure: it evaluates the loss twice per step. Lightning passes one under "
+                "precision 32/bf16-mixed with automatic optimization; use lightning_ext.callbacks.CrAM, which "
+                "refuses the other combinations at setup.")
+        with torch.enable_grad():
+            loss = closure()  # pass 1
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        clean = [p.grad.clone() for p in params] if self.plus else None
+        backup = [p.detach().clone() for p in params]
+        if self.rho > 0:
+            grads = [p.grad for p in params]
+            if self.grad_norm:
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                torch._foreach_add_(params, torch._foreach_mul(grads, self.rho / (norm + 1e-12)))
+            else:
+                torch._foreach_add_(params, grads, alpha=self.rho)
+        level = self._draw()
+        self.last_sparsity = level
+        masks = self.masks(level)
+        for p, mask in zip(self.prunable, masks):
+            if mask is not None:
+                p.mul_(mask)
+        with torch.enable_grad(), frozen_batchnorm_stats(self.batchnorm):
+            closure()  # pass 2: the closure must zero the gradients before its backward, as Lightning's does
+        if self.sparse_grad:
+            for p, mask in zip(self.prunable, masks):
+                if mask is not None and p.grad is not None:
+                    p.grad.mul_(mask)
+        torch._foreach_copy_(params, backup)
+        del backup, masks
+        if self.plus:
+            torch._foreach_add_([p.grad for p in params], clean)
+        self.base.step()
+        self._steps += 1
+        self.set_group_counter("cram_step", self._steps)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._steps = int(self.param_groups[0].get("cram_step", 0))

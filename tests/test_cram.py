@@ -1,0 +1,214 @@
+"""CrAM: float64 transcription of the algorithm, reductions to the base optimizer, masks, restore,
+BatchNorm untouched by pass 2, rank-independent draws, base momentum surviving a state_dict round trip."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ext.data.digits import load_digits_tensors
+from lightning_ext.nn import nm_mask, one_shot_prune, recalibrate_batchnorm, topk_masks
+from lightning_ext.optimizers import CrAM
+
+STEPS = 30
+
+
+def mlp(bn: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    mid = [nn.BatchNorm1d(32)] if bn else []
+    return nn.Sequential(nn.Linear(64, 32), *mid, nn.ReLU(), nn.Linear(32, 10)).double()
+
+
+def batches(n=STEPS):
+    x, y = load_digits_tensors()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        idx = torch.randint(0, len(y), (64,), generator=g)
+        yield x[idx].double(), y[idx]
+
+
+def closure_for(model, opt, x, y, grad_scale=1.0):
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) * grad_scale
+        loss.backward()
+        return loss
+    return closure
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def transcription(model, rho, sparsity, plus, sparse_grad):
+    """§5.2 written out for global top-k with one sparsity (keeping ceil(n(1-s)) weights)."""
+    opt = sgd(model.parameters())
+    params = list(model.parameters())
+    prunable = [p for p in params if p.dim() > 1]
+    for x, y in batches():
+        loss = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+        opt.zero_grad()
+        loss().backward()
+        g = [p.grad.clone() for p in params]
+        theta = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, gi in zip(params, g):
+                p += rho * gi
+            flat = torch.cat([p.abs().flatten() for p in prunable])
+            keep = math.ceil(flat.numel() * (1 - sparsity))
+            thr = flat.sort(descending=True).values[keep - 1]
+            masks = [p.abs() >= thr for p in prunable]
+            for p, m in zip(prunable, masks):
+                p *= m
+        opt.zero_grad()
+        loss().backward()
+        with torch.no_grad():
+            if sparse_grad:
+                for p, m in zip(prunable, masks):
+                    p.grad *= m
+            for p, t in zip(params, theta):
+                p.copy_(t)
+            if plus:
+                for p, gi in zip(params, g):
+                    p.grad += gi
+        opt.step()
+    return model
+
+
+def run_cram(model, **kw):
+    opt = CrAM(sgd(model.parameters()), model=model, **kw)
+    for x, y in batches():
+        opt.step(closure_for(model, opt, x, y))
+    return model, opt
+
+
+def max_diff(a, b):
+    return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("plus, sparse_grad", [(True, True), (False, True), (True, False)])
+def test_matches_the_transcription(plus, sparse_grad):
+    ours, _ = run_cram(mlp(), rho=0.05, sparsities=[0.7], plus=plus, sparse_grad=sparse_grad)
+    ref = transcription(mlp(), 0.05, 0.7, plus, sparse_grad)
+    assert max_diff(ours, ref) <= 1e-10
+    plain = mlp()
+    opt = sgd(plain.parameters())
+    for x, y in batches():
+        closure_for(plain, opt, x, y)()
+        opt.step()
+    assert max_diff(ours, plain) > 1e-3  # CrAM changed the trajectory
+
+
+@pytest.mark.parametrize("plus", [True, False])
+def test_reductions_to_the_base_optimizer(plus):
+    """rho = 0 and sparsity 0: CrAM is the base optimizer; CrAM+ the base with a doubled gradient."""
+    ours, _ = run_cram(mlp(), rho=0.0, sparsities=[0.0], plus=plus)
+    ref = mlp()
+    opt = sgd(ref.parameters())
+    for x, y in batches():
+        closure_for(ref, opt, x, y, grad_scale=2.0 if plus else 1.0)()
+        opt.step()
+    assert max_diff(ours, ref) <= 1e-12
+
+
+def test_masks_keep_the_requested_counts():
+    torch.manual_seed(0)
+    tensors = [torch.randn(30, 20), torch.randn(7, 9)]
+    for s in (0.5, 0.7, 0.9):
+        masks = topk_masks(tensors, s)
+        assert sum(int(m.sum()) for m in masks) == math.ceil(663 * (1 - s))
+        kept = torch.cat([t[m].abs() for t, m in zip(tensors, masks)]).min()
+        dropped = torch.cat([t[~m].abs() for t, m in zip(tensors, masks)]).max()
+        assert kept >= dropped
+        for t, m in zip(tensors, topk_masks(tensors, s, scope="layer")):
+            assert int(m.sum()) == math.ceil(t.numel() * (1 - s))
+    conv = torch.randn(8, 16, 3, 3)
+    for n, m in ((2, 4), (4, 8)):
+        mask = nm_mask(conv, n, m)
+        groups = mask.permute(0, 2, 3, 1).reshape(-1, m)  # along input channels
+        assert (groups.sum(1) == n).all()
+        lin = nm_mask(torch.randn(5, 16), n, m)
+        assert (lin.reshape(-1, m).sum(1) == n).all()
+    assert nm_mask(torch.randn(3, 3), 2, 4) is None  # does not tile: left dense
+
+
+def test_parameters_restored_in_place_and_batchnorm_stats_untouched_by_pass_two():
+    model = mlp(bn=True)
+    bn = model[1]
+    opt = CrAM(sgd(model.parameters()), model=model, rho=0.1, sparsities=[0.9])
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    x, y = next(iter(batches(1)))
+    seen = []
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        seen.append(bn.running_mean.clone())
+        return loss
+
+    opt.step(closure)
+    assert calls["n"] == 2
+    assert torch.equal(bn.running_mean, seen[0])  # only pass 1's update survives
+    assert not torch.equal(seen[0], seen[1])  # pass 2 did see (and would have changed) other statistics
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_draws_are_seeded_by_step_identically_everywhere():
+    a = CrAM(sgd(mlp().parameters()), sparsities=[0.5, 0.7, 0.9], seed=3)
+    b = CrAM(sgd(mlp().parameters()), sparsities=[0.5, 0.7, 0.9], seed=3)
+    draws_a, draws_b = [], []
+    for step in range(20):
+        a._steps = b._steps = step
+        draws_a.append(a._draw())
+        draws_b.append(b._draw())
+    assert draws_a == draws_b and len(set(draws_a)) == 3
+
+
+def test_state_dict_is_the_base_and_keeps_momentum():
+    model, opt = run_cram(mlp(), rho=0.05, sparsities=[0.5, 0.9])
+    saved = copy.deepcopy(opt.state_dict())
+    base_keys = {k for s in saved["state"].values() for k in s}
+    assert base_keys == {"momentum_buffer"}  # no backups, masks or clean gradients
+    twin = copy.deepcopy(model)
+    opt2 = CrAM(sgd(twin.parameters()), model=twin, rho=0.05, sparsities=[0.5, 0.9])
+    opt2.load_state_dict(saved)
+    assert opt2._steps == STEPS
+    assert all(torch.equal(opt2.state[p]["momentum_buffer"], opt.state[q]["momentum_buffer"])
+               for p, q in zip(twin.parameters(), model.parameters()))
+    for m, o in ((model, opt), (twin, opt2)):
+        for x, y in itertools.islice(batches(40), 30, 40):
+            o.step(closure_for(m, o, x, y))
+    assert max_diff(model, twin) == 0.0
+
+
+def test_needs_a_closure_and_checks_arguments():
+    opt = CrAM(sgd(mlp().parameters()))
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+    for kwargs, name in (({"rho": -1}, "rho"), ({"sparsities": [1.0]}, "sparsities"),
+                         ({"compression": "svd"}, "compression"), ({"nm_patterns": [(5, 4)]}, "nm_patterns")):
+        with pytest.raises(ValueError, match=name):
+            CrAM(sgd(mlp().parameters()), **kwargs)
+
+
+def test_one_shot_prune_and_batchnorm_recalibration():
+    model = mlp(bn=True).float()
+    masks = one_shot_prune(model, 0.8)
+    prunable = [p for p in model.parameters() if p.dim() > 1]
+    assert sum(int((p != 0).sum()) for p in prunable) == sum(int(m.sum()) for m in masks)
+    x, _ = load_digits_tensors()
+    model.eval()
+    recalibrate_batchnorm(model, [x[:256], x[256:512]])
+    assert not model.training and model[1].momentum == 0.1
+    with torch.no_grad():
+        h = model[0](x[:512])
+    torch.testing.assert_close(model[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
