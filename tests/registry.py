@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from lightning_ext.callbacks import LAWN
+from lightning_ext.callbacks import LAWN, CrAM
 from lightning_ext.data import DigitsDataModule
 from lightning_ext.models import MLPClassifier
 
@@ -79,6 +79,10 @@ REGISTRY: list[Entry] = [
           model=lambda: MLPClassifier(hidden=[32], batch_norm=True, lr=1e-2),
           callbacks=lambda: [LAWN(free_steps=10, layers=["net.3"])],
           deepspeed={s: "LAWN under DeepSpeed ZeRO stage" for s in (1, 2, 3)}),
+    Entry(name="cram", data=_digits, config="configs/cram.yaml",
+          model=lambda: MLPWith("torch.optim.SGD", lr=0.05, momentum=0.9, weight_decay=5e-4),
+          callbacks=lambda: [CrAM(rho=0.05, sparsities=[0.5, 0.7, 0.9])],
+          deepspeed={s: r"CrAM with DeepSpeed \(ZeRO stage" for s in (1, 2, 3)}),
 ]
 
 BY_NAME = {e.name: e for e in REGISTRY}

@@ -212,3 +212,73 @@ def test_one_shot_prune_and_batchnorm_recalibration():
     with torch.no_grad():
         h = model[0](x[:512])
     torch.testing.assert_close(model[1].running_mean, h.mean(0), rtol=1e-4, atol=1e-5)
+
+
+# --- the callback inside Lightning -------------------------------------------------------------------
+
+def _fit_cram(**trainer_kwargs):
+    import lightning.pytorch as pl
+
+    from lightning_ext.callbacks import CrAM as CrAMCallback
+    from lightning_ext.data import DigitsDataModule
+    from lightning_ext.models import MLPClassifier
+
+    class Counting(MLPClassifier):
+        calls = 0
+
+        def training_step(self, batch, batch_idx):
+            Counting.calls += 1
+            return super().training_step(batch, batch_idx)
+
+    pl.seed_everything(0, verbose=False)
+    model = Counting(hidden=[32], batch_norm=True, lr=1e-2)
+    defaults = dict(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                    enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(callbacks=[CrAMCallback(rho=0.05)], **{**defaults, **trainer_kwargs})
+    trainer.fit(model, datamodule=DigitsDataModule())
+    return trainer, Counting.calls
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_callback_runs_two_passes_per_step_on_the_closure_path(precision):
+    trainer, calls = _fit_cram(precision=precision)
+    assert isinstance(trainer.optimizers[0], CrAM) and trainer.global_step == 4 and calls == 8
+
+
+@pytest.mark.parametrize("trainer_kwargs, message", [
+    ({"precision": "bf16-true"}, r"precision='bf16-true'"),
+    ({"accumulate_grad_batches": 2}, r"accumulate_grad_batches=2"),
+])
+def test_callback_refuses_unsupported_combinations(trainer_kwargs, message):
+    with pytest.raises(RuntimeError, match=f"CrAM with {message}"):
+        _fit_cram(**trainer_kwargs)
+
+
+def test_callback_refuses_16_mixed_naming_it():
+    """On CPU Lightning silently turns 16-mixed into bf16-mixed, so the decision is checked directly
+    here (and for real in tests/test_gpu.py on CUDA)."""
+    from types import SimpleNamespace
+
+    from lightning_ext.callbacks import CrAM as CrAMCallback
+
+    trainer = SimpleNamespace(strategy=object(), precision="16-mixed", accumulate_grad_batches=1)
+    with pytest.raises(RuntimeError, match="CrAM with precision='16-mixed'"):
+        CrAMCallback()._refuse_unsupported(trainer, SimpleNamespace(automatic_optimization=True))
+
+
+def test_callback_refuses_manual_optimization():
+    import lightning.pytorch as pl
+
+    from lightning_ext.callbacks import CrAM as CrAMCallback
+    from lightning_ext.data import DigitsDataModule
+    from lightning_ext.models import MLPClassifier
+
+    class Manual(MLPClassifier):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, callbacks=[CrAMCallback()])
+    with pytest.raises(RuntimeError, match="CrAM with manual optimization"):
+        trainer.fit(Manual(), datamodule=DigitsDataModule())

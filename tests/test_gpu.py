@@ -33,3 +33,15 @@ def test_deepspeed_cpu_strategy_keeps_lightnings_cuda_path():
 
     trainer = pl.Trainer(accelerator="cuda", devices=1, strategy=DeepSpeedCPUStrategy(stage=2), logger=False)
     assert trainer.strategy.root_device.type == "cuda" and torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+def test_cram_refuses_16_mixed_on_cuda():
+    from lightning_ext.callbacks import CrAM
+    from lightning_ext.data import DigitsDataModule
+    from lightning_ext.models import MLPClassifier
+
+    trainer = pl.Trainer(accelerator="cuda", devices=1, precision="16-mixed", max_steps=2, logger=False,
+                         enable_checkpointing=False, callbacks=[CrAM()])
+    with pytest.raises(RuntimeError, match="CrAM with precision='16-mixed'"):
+        trainer.fit(MLPClassifier(), datamodule=DigitsDataModule())

@@ -1,6 +1,7 @@
 """Lightning glue: one callback per technique (thin; the math lives in optimizers/ and nn/)."""
 
 from lightning_ext.callbacks.base import Technique
+from lightning_ext.callbacks.cram import CrAM
 from lightning_ext.callbacks.lawn import LAWN
 
-__all__ = ["LAWN", "Technique"]
+__all__ = ["LAWN", "CrAM", "Technique"]

@@ -1,0 +1,109 @@
+"""CrAM as a callback: make any LightningModule's optimizer compression-aware.
+
+Wraps what ``configure_optimizers`` returns with :class:`lightning_ext.optimizers.CrAM` (see there
+for the algorithm and where it differs from the reference). The prunable tensors are the module's
+trainable tensors with ``ndim > 1`` (or those of the modules named in ``layers``); every
+BatchNorm of the module is protected during the second pass.
+
+CrAM evaluates the loss twice per step through the optimizer closure, which Lightning provides
+only with automatic optimization under ``32-true``/``64-true``/``bf16-mixed`` precision and
+without gradient accumulation. The other combinations are refused in ``setup``, naming both
+parts: ``16-mixed`` (GradScaler calls the closure itself), ``bf16-true`` (perturb/restore need
+fp32 weights), ``accumulate_grad_batches > 1`` (pass 2 would see only the last micro-batch),
+manual optimization, and DeepSpeed (the engine steps the optimizer without a closure).
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_ext.callbacks.base import Technique
+from lightning_ext.callbacks.optimizer_injection import deepspeed_stage, inject
+from lightning_ext.nn.pruning import batchnorm_modules
+from lightning_ext.optimizers.cram import COMPRESSIONS
+from lightning_ext.optimizers.cram import CrAM as CrAMOptimizer
+from lightning_ext.surgery import select_modules
+
+SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "32", "64")
+
+
+class CrAM(Technique):
+    """Compression-Aware Minimizer (ICLR 2023) around the module's own optimizer.
+
+    Args:
+        rho: perturbation radius (>= 0).
+        sparsities: top-k sparsities drawn per step, each in [0, 1).
+        compression: ``"topk"`` or ``"nm"`` (N:M patterns ``nm_patterns``).
+        scope: top-k ``"global"`` or per ``"layer"``.
+        nm_patterns: (N, M) pairs drawn per step for ``compression="nm"``.
+        plus: CrAM+ (add the clean gradient).
+        sparse_grad: mask the second pass's gradient.
+        grad_norm: normalise the perturbation by the gradient norm.
+        layers: module names whose weights are prunable (peft-style suffix match); default: all ndim > 1 tensors.
+        seed: seed of the per-step sparsity draw.
+    """
+
+    def __init__(self, rho: float = 0.05, sparsities: list[float] | None = None, compression: str = "topk",
+                 scope: str = "global", nm_patterns: list[list[int]] | None = None, plus: bool = True,
+                 sparse_grad: bool = True, grad_norm: bool = False, layers: list[str] | None = None,
+                 seed: int = 0) -> None:
+        super().__init__()
+        sparsities = [0.5, 0.7, 0.9] if sparsities is None else list(sparsities)
+        nm_patterns = [[2, 4], [4, 8]] if nm_patterns is None else [list(p) for p in nm_patterns]
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        self.kwargs = dict(rho=rho, sparsities=sparsities, compression=compression, scope=scope,
+                           nm_patterns=[tuple(p) for p in nm_patterns], plus=plus, sparse_grad=sparse_grad,
+                           grad_norm=grad_norm, seed=seed)
+        # validate every numeric argument now, not at setup
+        CrAMOptimizer(torch.optim.SGD([nn.Parameter(torch.zeros(1, 1))], lr=0.1), **self.kwargs)
+        self.layers = layers
+        self.optimizers: list[CrAMOptimizer] = []
+
+    def _refuse_unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = deepspeed_stage(trainer)
+        if stage is not None:
+            raise RuntimeError(f"CrAM with DeepSpeed (ZeRO stage {stage}) is not supported: the engine steps the "
+                               "optimizer without a closure, and CrAM needs two passes per step. Use DDP.")
+        precision = str(trainer.precision)
+        if precision not in SUPPORTED_PRECISION:
+            raise RuntimeError(f"CrAM with precision={precision!r} is not supported: it needs Lightning's closure "
+                               "path and fp32 weights to perturb and restore; use '32-true' or 'bf16-mixed'.")
+        if trainer.accumulate_grad_batches != 1:
+            raise RuntimeError(f"CrAM with accumulate_grad_batches={trainer.accumulate_grad_batches} is not "
+                               "supported: its second pass would see only the last micro-batch. Use 1.")
+        if not pl_module.automatic_optimization:
+            raise RuntimeError("CrAM with manual optimization is not supported: it needs the closure that "
+                               "automatic optimization passes to optimizer.step().")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self._refuse_unsupported(trainer, pl_module)
+        if self.layers is not None:
+            prunable = [m.weight for _, m in select_modules(pl_module, self.layers, what="CrAM layers")]
+        else:
+            prunable = [p for p in pl_module.parameters() if p.requires_grad and p.dim() > 1]
+        batchnorm = batchnorm_modules(pl_module)
+
+        def wrap(optimizer):
+            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            wrapped = CrAMOptimizer(optimizer, prunable=[p for p in prunable if id(p) in owned],
+                                    batchnorm=batchnorm, **self.kwargs)
+            self.optimizers.append(wrapped)
+            return wrapped
+
+        self.optimizers = []
+        inject(pl_module, wrap, "_lightning_ext_cram_injected")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        for opt in self.optimizers:
+            level = opt.last_sparsity
+            if isinstance(level, float):
+                pl_module.log("cram/sparsity", level)
+            elif level is not None:
+                pl_module.log("cram/nm_n_over_m", level[0] / level[1])
