@@ -13,6 +13,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from registry import Entry
 
 
+def digits_batches(n: int, batch: int = 64, dtype: torch.dtype = torch.float64):
+    """``n`` seeded random mini-batches of the digits data (for optimizer-level tests)."""
+    from lightning_ext.data.digits import load_digits_tensors
+
+    x, y = load_digits_tensors()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        idx = torch.randint(0, len(y), (batch,), generator=g)
+        yield x[idx].to(dtype), y[idx]
+
+
 def technique_callbacks(trainer: pl.Trainer) -> dict[str, Any]:
     """State of every callback that has any (keyed like Lightning's checkpoint)."""
     return {cb.state_key: cb.state_dict() for cb in trainer.callbacks if cb.state_dict()}

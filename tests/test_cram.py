@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from harness import digits_batches
 from lightning_ext.data.digits import load_digits_tensors
 from lightning_ext.nn import nm_mask, one_shot_prune, recalibrate_batchnorm, topk_masks
 from lightning_ext.optimizers import CrAM
@@ -25,11 +26,7 @@ def mlp(bn: bool = False) -> nn.Module:
 
 
 def batches(n=STEPS):
-    x, y = load_digits_tensors()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(n):
-        idx = torch.randint(0, len(y), (64,), generator=g)
-        yield x[idx].double(), y[idx]
+    return digits_batches(n)
 
 
 def closure_for(model, opt, x, y, grad_scale=1.0):

@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_ext.callbacks import LAWN as LAWNCallback
 from lightning_ext.data import DigitsDataModule
+from harness import digits_batches
 from lightning_ext.data.digits import load_digits_tensors
 from lightning_ext.models import MLPClassifier
 from lightning_ext.optimizers import LAWN
@@ -27,11 +28,7 @@ def model64() -> nn.Module:
 
 
 def batches(n=STEPS):
-    x, y = load_digits_tensors()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(n):
-        idx = torch.randint(0, len(y), (64,), generator=g)
-        yield x[idx].double(), y[idx]
+    return digits_batches(n)
 
 
 def loss_of(model, x, y):

@@ -11,6 +11,7 @@ import pytorch_optimizer
 import torch
 from torch import nn
 
+from harness import digits_batches
 from lightning_ext.data.digits import load_digits_tensors
 from lightning_ext.optimizers import SGDP, AdamP, FAdam
 from lightning_ext.optimizers._projection import projection_coefficients
@@ -27,12 +28,8 @@ def bn_mlp() -> nn.Module:
                          nn.ReLU(), nn.Linear(32, 10)).double()
 
 
-def batches(n: int = STEPS, batch: int = 64):
-    x, y = load_digits_tensors()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(n):
-        idx = torch.randint(0, len(y), (batch,), generator=g)
-        yield x[idx].double(), y[idx]
+def batches(n=STEPS):
+    return digits_batches(n)
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, hook=None) -> nn.Module:

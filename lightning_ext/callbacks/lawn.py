@@ -18,7 +18,8 @@ from torch import nn
 
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import deepspeed_stage, inject
-from lightning_ext.optimizers.lawn import CONSTRAINTS, LAWN as LAWNOptimizer, NORM_SCOPES
+from lightning_ext.optimizers.lawn import LAWN as LAWNOptimizer
+from lightning_ext.optimizers.lawn import check_lawn_arguments
 from lightning_ext.surgery import select_modules
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -38,12 +39,7 @@ class LAWN(Technique):
     def __init__(self, free_steps: int, layers: list[str] | None = None, norm_scope: str = "layer",
                  constraint: str = "sphere", project_grad: bool = False) -> None:
         super().__init__()
-        if free_steps < 0:
-            raise ValueError(f"free_steps must be >= 0, got {free_steps}")
-        if norm_scope not in NORM_SCOPES:
-            raise ValueError(f"norm_scope must be one of {NORM_SCOPES}, got {norm_scope!r}")
-        if constraint not in CONSTRAINTS:
-            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        check_lawn_arguments(free_steps, norm_scope, constraint)
         if layers is not None and not layers:
             raise ValueError("layers: give module names, or None to pick the last Linear/conv layer")
         self.free_steps, self.layers, self.norm_scope = free_steps, layers, norm_scope

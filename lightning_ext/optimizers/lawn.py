@@ -55,6 +55,16 @@ NORM_SCOPES = ("layer", "row")
 CONSTRAINTS = ("sphere", "ball")
 
 
+def check_lawn_arguments(free_steps: int, norm_scope: str, constraint: str) -> None:
+    """Shared by the optimizer and the callback: name the argument and its valid values."""
+    if free_steps < 0:
+        raise ValueError(f"free_steps must be >= 0, got {free_steps}")
+    if norm_scope not in NORM_SCOPES:
+        raise ValueError(f"norm_scope must be one of {NORM_SCOPES}, got {norm_scope!r}")
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+
+
 def _norms(w: torch.Tensor, scope: str) -> torch.Tensor:
     if scope == "layer" or w.dim() < 2:
         return torch.linalg.vector_norm(w)
@@ -78,12 +88,7 @@ class LAWN(WrapperOptimizer):
                  norm_scope: str = "layer", constraint: str = "sphere", project_grad: bool = False) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if free_steps < 0:
-            raise ValueError(f"free_steps must be >= 0, got {free_steps}")
-        if norm_scope not in NORM_SCOPES:
-            raise ValueError(f"norm_scope must be one of {NORM_SCOPES}, got {norm_scope!r}")
-        if constraint not in CONSTRAINTS:
-            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        check_lawn_arguments(free_steps, norm_scope, constraint)
         self.constrained = list(constrained)
         if not self.constrained:
             raise ValueError("constrained: no tensors given")
