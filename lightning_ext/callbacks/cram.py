@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_ext.callbacks.base import Technique
-from lightning_ext.callbacks.optimizer_injection import deepspeed_stage, inject
+from lightning_ext.callbacks.optimizer_injection import deepspeed_stage, inject_wrapper
 from lightning_ext.nn.pruning import batchnorm_modules
 from lightning_ext.optimizers.cram import COMPRESSIONS
 from lightning_ext.optimizers.cram import CrAM as CrAMOptimizer
@@ -89,15 +89,10 @@ class CrAM(Technique):
             prunable = [p for p in pl_module.parameters() if p.requires_grad and p.dim() > 1]
         batchnorm = batchnorm_modules(pl_module)
 
-        def wrap(optimizer):
-            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            wrapped = CrAMOptimizer(optimizer, prunable=[p for p in prunable if id(p) in owned],
-                                    batchnorm=batchnorm, **self.kwargs)
-            self.optimizers.append(wrapped)
-            return wrapped
-
         self.optimizers = []
-        inject(pl_module, wrap, "_lightning_ext_cram_injected")
+        inject_wrapper(pl_module, prunable,
+                       lambda opt, mine: CrAMOptimizer(opt, prunable=mine, batchnorm=batchnorm, **self.kwargs),
+                       lambda wrapped: self.optimizers.append(wrapped), "_lightning_ext_cram_injected")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

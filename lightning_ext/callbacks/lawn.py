@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lightning_ext.callbacks.base import Technique
-from lightning_ext.callbacks.optimizer_injection import deepspeed_stage, inject
+from lightning_ext.callbacks.optimizer_injection import deepspeed_stage, inject_wrapper
 from lightning_ext.optimizers.lawn import LAWN as LAWNOptimizer
 from lightning_ext.optimizers.lawn import check_lawn_arguments
 from lightning_ext.surgery import select_modules
@@ -71,18 +71,11 @@ class LAWN(Technique):
                 warnings.warn(f"LAWN: {name!r} has a bias, which breaks the homogeneity the constraint relies on; "
                               "the bias is left unconstrained", stacklevel=2)
 
-        def wrap(optimizer):
-            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            mine = [w for w in weights if id(w) in owned]
-            if not mine:
-                return optimizer
-            wrapped = LAWNOptimizer(optimizer, mine, self.free_steps, self.norm_scope, self.constraint,
-                                    self.project_grad)
-            self.optimizers.append(wrapped)
-            return wrapped
-
         self.optimizers = []
-        inject(pl_module, wrap, "_lightning_ext_lawn_injected")
+        inject_wrapper(pl_module, weights,
+                       lambda opt, mine: LAWNOptimizer(opt, mine, self.free_steps, self.norm_scope, self.constraint,
+                                                       self.project_grad),
+                       lambda wrapped: self.optimizers.append(wrapped), "_lightning_ext_lawn_injected")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

@@ -60,6 +60,23 @@ def inject(pl_module: pl.LightningModule, wrap: Wrap, marker: str) -> None:
     setattr(pl_module, marker, True)
 
 
+def inject_wrapper(pl_module: pl.LightningModule, tensors: list, make: Callable[[Optimizer, list], Optimizer],
+                   register: Callable[[Optimizer], None], marker: str) -> None:
+    """Wrap every optimizer that owns some of ``tensors`` as ``make(optimizer, owned_tensors)`` and pass
+    each wrapper to ``register``; optimizers owning none of them are returned unwrapped."""
+
+    def wrap(optimizer: Optimizer) -> Optimizer:
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        mine = [t for t in tensors if id(t) in owned]
+        if not mine:
+            return optimizer
+        wrapped = make(optimizer, mine)
+        register(wrapped)
+        return wrapped
+
+    inject(pl_module, wrap, marker)
+
+
 def deepspeed_stage(trainer: pl.Trainer) -> int | None:
     """The ZeRO stage of a DeepSpeed strategy (``None`` for other strategies)."""
     strategy = trainer.strategy

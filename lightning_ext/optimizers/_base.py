@@ -14,6 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_ext.optimizers._sharding import check_full_shapes, had_matrices
+from lightning_ext.optimizers._wrapper import evaluate_closure
 
 
 class PerTensorOptimizer(Optimizer):
@@ -50,10 +51,7 @@ class PerTensorOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         check_full_shapes(self, self._had_matrices, self.needs_full_shapes_for)
         for group in self.param_groups:
             params, grads, states = self._init_group(group)

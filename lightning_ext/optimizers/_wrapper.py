@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch.optim import Optimizer
+
+
+def evaluate_closure(closure):
+    """``closure()`` with gradients enabled (optimizers' ``step`` runs under ``no_grad``); ``None`` if absent."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 class WrapperOptimizer(Optimizer):

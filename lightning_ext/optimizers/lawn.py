@@ -47,7 +47,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_ext.optimizers._sharding import _deepspeed_caller
-from lightning_ext.optimizers._wrapper import WrapperOptimizer
+from lightning_ext.optimizers._wrapper import WrapperOptimizer, evaluate_closure
 
 __all__ = ["LAWN"]
 
@@ -128,10 +128,7 @@ class LAWN(WrapperOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self._check_not_flattened()
         constrained_phase = not self.in_free_phase
         if constrained_phase:
