@@ -14,6 +14,7 @@ from torch import nn
 from harness import digits_batches
 from lightning_ext.data.digits import load_digits_tensors
 from lightning_ext.nn import nm_mask, one_shot_prune, recalibrate_batchnorm, topk_masks
+from lightning_ext.callbacks import CrAM as CrAMCallback
 from lightning_ext.optimizers import CrAM
 
 STEPS = 30
@@ -195,6 +196,8 @@ def test_needs_a_closure_and_checks_arguments():
                          ({"compression": "svd"}, "compression"), ({"nm_patterns": [(5, 4)]}, "nm_patterns")):
         with pytest.raises(ValueError, match=name):
             CrAM(sgd(mlp().parameters()), **kwargs)
+        with pytest.raises(ValueError, match=name):  # the callback checks in __init__, before setup
+            CrAMCallback(**kwargs)
 
 
 def test_one_shot_prune_and_batchnorm_recalibration():

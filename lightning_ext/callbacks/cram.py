@@ -16,14 +16,12 @@ manual optimization, and DeepSpeed (the engine steps the optimizer without a clo
 from __future__ import annotations
 
 import lightning.pytorch as pl
-import torch
-from torch import nn
 
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import deepspeed_stage, inject_wrapper
 from lightning_ext.nn.pruning import batchnorm_modules
-from lightning_ext.optimizers.cram import COMPRESSIONS
 from lightning_ext.optimizers.cram import CrAM as CrAMOptimizer
+from lightning_ext.optimizers.cram import check_cram_arguments
 from lightning_ext.surgery import select_modules
 
 SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "32", "64")
@@ -52,13 +50,10 @@ class CrAM(Technique):
         super().__init__()
         sparsities = [0.5, 0.7, 0.9] if sparsities is None else list(sparsities)
         nm_patterns = [[2, 4], [4, 8]] if nm_patterns is None else [list(p) for p in nm_patterns]
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        check_cram_arguments(rho, sparsities, compression, scope, nm_patterns)
         self.kwargs = dict(rho=rho, sparsities=sparsities, compression=compression, scope=scope,
                            nm_patterns=[tuple(p) for p in nm_patterns], plus=plus, sparse_grad=sparse_grad,
                            grad_norm=grad_norm, seed=seed)
-        # validate every numeric argument now, not at setup
-        CrAMOptimizer(torch.optim.SGD([nn.Parameter(torch.zeros(1, 1))], lr=0.1), **self.kwargs)
         self.layers = layers
         self.optimizers: list[CrAMOptimizer] = []
 

@@ -7,6 +7,7 @@ and for each param group gathers the parameters with gradients and their state l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -15,6 +16,22 @@ from torch.optim import Optimizer
 
 from lightning_ext.optimizers._sharding import check_full_shapes, had_matrices
 from lightning_ext.optimizers._wrapper import evaluate_closure
+
+
+def _check(name: str, value: float, low: float, high: float = math.inf, low_open: bool = False,
+           high_open: bool = False) -> None:
+    bad = value < low or (low_open and value == low) or value > high or (high_open and value == high)
+    if bad:
+        lo, hi = ("(" if low_open else "[") + f"{low}", f"{high}" + (")" if high_open or high == math.inf else "]")
+        raise ValueError(f"{name} must be in {lo}, {hi}, got {value}")
+
+
+def _use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:
+    """Default as torch.optim: foreach on CUDA only. On CPU the multi-tensor kernels are loops that
+    allocate a temporary per op, and the single-tensor path (cache-friendlier) is faster."""
+    if foreach is not None:
+        return foreach
+    return len(params) > 1 and all(p.device.type == "cuda" for p in params)
 
 
 class PerTensorOptimizer(Optimizer):

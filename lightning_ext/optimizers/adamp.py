@@ -39,26 +39,10 @@ import math
 from collections.abc import Iterable
 
 import torch
-from lightning_ext.optimizers._base import PerTensorOptimizer
+from lightning_ext.optimizers._base import PerTensorOptimizer, _check, _use_foreach
 from lightning_ext.optimizers._projection import projection_coefficients
 
 __all__ = ["AdamP", "SGDP", "adamp", "sgdp"]
-
-
-def _check(name: str, value: float, low: float, high: float = math.inf, low_open: bool = False,
-           high_open: bool = False) -> None:
-    bad = value < low or (low_open and value == low) or value > high or (high_open and value == high)
-    if bad:
-        lo, hi = ("(" if low_open else "[") + f"{low}", f"{high}" + (")" if high_open or high == math.inf else "]")
-        raise ValueError(f"{name} must be in {lo}, {hi}, got {value}")
-
-
-def _use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:
-    """Default as torch.optim: foreach on CUDA only. On CPU the multi-tensor kernels are loops that
-    allocate a temporary per op, and the single-tensor path (cache-friendlier) is faster."""
-    if foreach is not None:
-        return foreach
-    return len(params) > 1 and all(p.device.type == "cuda" for p in params)
 
 
 class AdamP(PerTensorOptimizer):
@@ -166,7 +150,8 @@ def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta
         if p.dim() > 1:
             coef, projected = projection_coefficients(p, g, d_i, delta, eps)
             d_i.addcmul_(p, coef, value=-1)
-        factors.append(_decay_factor(projected, lr, weight_decay, wd_ratio, p))
+        if weight_decay > 0:
+            factors.append(_decay_factor(projected, lr, weight_decay, wd_ratio, p))
     if weight_decay > 0:
         _foreach_scale_(params, factors)
     torch._foreach_mul_(d, [-lr / (1 - beta1**s) for s in step_values])
@@ -226,7 +211,8 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch
          lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, eps: float, delta: float,
          wd_ratio: float) -> None:
     """Functional SGDP (state updated in place); see :class:`SGDP`."""
-    if _use_foreach(foreach, params):
+    foreach_path = _use_foreach(foreach, params)
+    if foreach_path:
         torch._foreach_mul_(bufs, momentum)
         torch._foreach_add_(bufs, grads, alpha=1 - dampening)
         if nesterov:
@@ -245,13 +231,16 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch
         if p.dim() > 1:
             coef, projected = projection_coefficients(p, g, d_i, delta, eps)
             d_i.addcmul_(p, coef, value=-1)
-        factors.append(_decay_factor(projected, lr, weight_decay, wd_ratio, p, divisor=1 - momentum))
-    if _use_foreach(foreach, params):
         if weight_decay > 0:
+            factors.append(_decay_factor(projected, lr, weight_decay, wd_ratio, p, divisor=1 - momentum))
+    if weight_decay > 0:
+        if foreach_path:
             _foreach_scale_(params, factors)
+        else:
+            for p, f in zip(params, factors):
+                p.mul_(f)
+    if foreach_path:
         torch._foreach_add_(params, d, alpha=-lr)
     else:
-        for p, d_i, f in zip(params, d, factors):
-            if weight_decay > 0:
-                p.mul_(f)
+        for p, d_i in zip(params, d):
             p.add_(d_i, alpha=-lr)

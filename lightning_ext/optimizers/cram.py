@@ -54,6 +54,21 @@ __all__ = ["CrAM"]
 COMPRESSIONS = ("topk", "nm")
 
 
+def check_cram_arguments(rho: float, sparsities: Sequence[float], compression: str, scope: str,
+                         nm_patterns: Sequence[Sequence[int]]) -> None:
+    """Shared by the optimizer and the callback: name the argument and its valid values."""
+    if rho < 0:
+        raise ValueError(f"rho must be >= 0, got {rho}")
+    if not sparsities or any(not 0.0 <= s < 1.0 for s in sparsities):
+        raise ValueError(f"sparsities must be a non-empty list of values in [0, 1), got {list(sparsities)}")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if not nm_patterns or any(len(p) != 2 or not 0 < p[0] <= p[1] for p in nm_patterns):
+        raise ValueError(f"nm_patterns must be (N, M) pairs with 0 < N <= M, got {list(nm_patterns)}")
+
+
 class CrAM(WrapperOptimizer):
     """Compression-aware minimizer around ``optimizer`` (see the module docstring).
 
@@ -78,16 +93,7 @@ class CrAM(WrapperOptimizer):
                  rho: float = 0.05, sparsities: Sequence[float] = (0.5, 0.7, 0.9), compression: str = "topk",
                  scope: str = "global", nm_patterns: Sequence[tuple[int, int]] = ((2, 4), (4, 8)),
                  plus: bool = True, sparse_grad: bool = True, grad_norm: bool = False, seed: int = 0) -> None:
-        if rho < 0:
-            raise ValueError(f"rho must be >= 0, got {rho}")
-        if not sparsities or any(not 0.0 <= s < 1.0 for s in sparsities):
-            raise ValueError(f"sparsities must be a non-empty list of values in [0, 1), got {list(sparsities)}")
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-        if scope not in ("global", "layer"):
-            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-        if not nm_patterns or any(not 0 < n <= m for n, m in nm_patterns):
-            raise ValueError(f"nm_patterns must be (N, M) pairs with 0 < N <= M, got {list(nm_patterns)}")
+        check_cram_arguments(rho, sparsities, compression, scope, nm_patterns)
         super().__init__(optimizer)
         owned = [p for g in self.param_groups for p in g["params"]]
         if prunable is None:

@@ -53,8 +53,7 @@ import math
 from collections.abc import Iterable
 
 import torch
-from lightning_ext.optimizers._base import PerTensorOptimizer
-from lightning_ext.optimizers.adamp import _check, _use_foreach
+from lightning_ext.optimizers._base import PerTensorOptimizer, _check, _use_foreach
 
 __all__ = ["FAdam", "fadam", "EPS_MODES"]
 
