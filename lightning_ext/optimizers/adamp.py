@@ -97,6 +97,16 @@ def adamp(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
        weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov)
 
 
+def _project_(d: torch.Tensor, p: torch.Tensor, g: torch.Tensor, delta: float, eps: float) -> torch.Tensor | None:
+    """Remove the radial part of the update ``d`` in place where ``p`` is scale-invariant (ndim >= 2);
+    returns the 0-d "projected" flag, or ``None`` for tensors that are never tested."""
+    if p.dim() < 2:
+        return None
+    coef, projected = projection_coefficients(p, g, d, delta, eps)
+    d.addcmul_(p, coef, value=-1)
+    return projected
+
+
 def _decay_factor(projected: torch.Tensor | None, lr: float, weight_decay: float, wd_ratio: float,
                   like: torch.Tensor, divisor: float = 1.0) -> torch.Tensor | float:
     plain = 1 - lr * weight_decay / divisor
@@ -119,10 +129,7 @@ def _single_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, bet
             d = torch.add(g, m, alpha=beta1 / (1 - beta1)).mul_(1 - beta1).div_(denom)
         else:
             d = torch.div(m, denom, out=denom)
-        projected = None
-        if p.dim() > 1:
-            coef, projected = projection_coefficients(p, g, d, delta, eps)
-            d.addcmul_(p, coef, value=-1)
+        projected = _project_(d, p, g, delta, eps)
         if weight_decay > 0:
             p.mul_(_decay_factor(projected, lr, weight_decay, wd_ratio, p))
         p.add_(d, alpha=-lr / (1 - beta1**step))
@@ -146,10 +153,7 @@ def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta
         d = torch._foreach_div(exp_avgs, denom)
     factors: list[torch.Tensor | float] = []
     for p, g, d_i in zip(params, grads, d):
-        projected = None
-        if p.dim() > 1:
-            coef, projected = projection_coefficients(p, g, d_i, delta, eps)
-            d_i.addcmul_(p, coef, value=-1)
+        projected = _project_(d_i, p, g, delta, eps)
         if weight_decay > 0:
             factors.append(_decay_factor(projected, lr, weight_decay, wd_ratio, p))
     if weight_decay > 0:
@@ -227,10 +231,7 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch
             d.append(g + momentum * buf if nesterov else buf)
     factors = []
     for p, g, d_i in zip(params, grads, d):
-        projected = None
-        if p.dim() > 1:
-            coef, projected = projection_coefficients(p, g, d_i, delta, eps)
-            d_i.addcmul_(p, coef, value=-1)
+        projected = _project_(d_i, p, g, delta, eps)
         if weight_decay > 0:
             factors.append(_decay_factor(projected, lr, weight_decay, wd_ratio, p, divisor=1 - momentum))
     if weight_decay > 0:
