@@ -7,7 +7,8 @@ Two parameter sets, gradients fixed random tensors (the optimizer step only):
 * a conv net with BatchNorm (scale-invariant conv weights: AdamP/SGDP's projection applies);
 * a Llama-style LM with 100+ parameter tensors (``lightning_ext.models.CharLlama``).
 
-Ratios are against torch's fused AdamW, measured side by side in one run.
+Ratios are against torch's fused AdamW, measured side by side in one run. ``fused`` rows are
+our C++ CPU kernels (compiled on first use, before timing starts).
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ OPTIMIZERS = {
     "torch AdamW (fused)": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2, fused=True),
     "torch AdamW (foreach)": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2, foreach=True),
     "torch AdamW (single)": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2, foreach=False),
+    "ours AdamP (fused)": lambda p: AdamP(p, lr=1e-3, weight_decay=1e-2, fused=True),
     "ours AdamP (foreach)": lambda p: AdamP(p, lr=1e-3, weight_decay=1e-2, foreach=True),
     "ours AdamP (single)": lambda p: AdamP(p, lr=1e-3, weight_decay=1e-2, foreach=False),
     "adamp.AdamP 0.3.0": lambda p: adamp_ref.AdamP(p, lr=1e-3, weight_decay=1e-2),
     "pytorch_optimizer.AdamP": lambda p: pytorch_optimizer.AdamP(p, lr=1e-3, weight_decay=1e-2),
+    "ours SGDP (fused)": lambda p: SGDP(p, lr=0.1, momentum=0.9, weight_decay=1e-5, fused=True),
     "ours SGDP (foreach)": lambda p: SGDP(p, lr=0.1, momentum=0.9, weight_decay=1e-5, foreach=True),
     "ours SGDP (single)": lambda p: SGDP(p, lr=0.1, momentum=0.9, weight_decay=1e-5, foreach=False),
     "adamp.SGDP 0.3.0": lambda p: adamp_ref.SGDP(p, lr=0.1, momentum=0.9, weight_decay=1e-5),
+    "ours FAdam (fused)": lambda p: FAdam(p, lr=1e-3, fused=True),
     "ours FAdam (foreach)": lambda p: FAdam(p, lr=1e-3, foreach=True),
     "ours FAdam (single)": lambda p: FAdam(p, lr=1e-3, foreach=False),
     "pytorch_optimizer.FAdam": lambda p: pytorch_optimizer.FAdam(p, lr=1e-3),

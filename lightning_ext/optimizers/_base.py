@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch.optim import Optimizer
 
+from lightning_ext.optimizers._fused_cpu import check_fused_params
 from lightning_ext.optimizers._sharding import check_full_shapes, had_matrices
 from lightning_ext.optimizers._wrapper import evaluate_closure
 
@@ -24,6 +25,13 @@ def _check(name: str, value: float, low: float, high: float = math.inf, low_open
     if bad:
         lo, hi = ("(" if low_open else "[") + f"{low}", f"{high}" + (")" if high_open or high == math.inf else "]")
         raise ValueError(f"{name} must be in {lo}, {hi}, got {value}")
+
+
+def _bump_versions(*tensor_lists: list[torch.Tensor]) -> None:
+    """The C++ kernels write through data pointers: tell autograd the tensors changed, as ATen's
+    in-place ops do (a graph that saved one of them then errors instead of using stale values)."""
+    for tensors in tensor_lists:
+        torch.autograd.graph.increment_version(tensors)
 
 
 def _use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:
@@ -41,7 +49,11 @@ class PerTensorOptimizer(Optimizer):
     needs_full_shapes_for: ClassVar[str] = ""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise ValueError("fused=True and foreach=True cannot both be set")
         super().__init__(params, defaults)
+        if any(group.get("fused") for group in self.param_groups):
+            check_fused_params(type(self).__name__, [g for g in self.param_groups if g.get("fused")])
         self._had_matrices = had_matrices(self.param_groups)
 
     def _init_group(self, group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, list]]:

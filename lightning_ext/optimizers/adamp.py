@@ -22,7 +22,8 @@ What differs from the reference, on purpose:
 * no host synchronisation in ``step``: the reference decides each projection with a Python
   ``if`` on a tensor (1–2 device syncs per matrix per step); here the decision is a 0-d tensor
   and the projection is selected with ``torch.where`` (see :mod:`._projection`);
-* a ``foreach`` path (multi-tensor kernels for the moments, decay and update);
+* a ``foreach`` path (multi-tensor kernels for the moments, decay and update), and a ``fused``
+  CPU path (one C++ kernel per tensor in two passes over memory, :mod:`._fused_cpu`);
 * ``state["step"]`` is a CPU tensor per parameter, as in ``torch.optim.Adam``.
 
 Kept from the reference, although surprising: SGDP without Nesterov projects the momentum
@@ -39,7 +40,8 @@ import math
 from collections.abc import Iterable
 
 import torch
-from lightning_ext.optimizers._base import PerTensorOptimizer, _check, _use_foreach
+from lightning_ext.optimizers import _fused_cpu
+from lightning_ext.optimizers._base import PerTensorOptimizer, _bump_versions, _check, _use_foreach
 from lightning_ext.optimizers._projection import projection_coefficients
 
 __all__ = ["AdamP", "SGDP", "adamp", "sgdp"]
@@ -59,6 +61,8 @@ class AdamP(PerTensorOptimizer):
         wd_ratio: weight-decay multiplier for tensors that were projected, in [0, 1].
         nesterov: Nesterov-style first moment.
         foreach: multi-tensor path (default: on for CUDA tensors, as in torch.optim).
+        fused: the fused C++ CPU step (:mod:`._fused_cpu`; contiguous float32/float64 CPU parameters,
+            compiled on first use). Off by default.
     """
 
     state_factories = {"step": lambda p: torch.tensor(0.0),
@@ -68,7 +72,7 @@ class AdamP(PerTensorOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1,
-                 nesterov: bool = False, foreach: bool | None = None) -> None:
+                 nesterov: bool = False, foreach: bool | None = None, fused: bool | None = None) -> None:
         _check("lr", lr, 0.0, low_open=True)
         _check("betas[0]", betas[0], 0.0, 1.0, high_open=True)
         _check("betas[1]", betas[1], 0.0, 1.0, high_open=True)
@@ -77,22 +81,26 @@ class AdamP(PerTensorOptimizer):
         _check("delta", delta, 0.0)
         _check("wd_ratio", wd_ratio, 0.0, 1.0)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
-                        wd_ratio=wd_ratio, nesterov=nesterov, foreach=foreach)
+                        wd_ratio=wd_ratio, nesterov=nesterov, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def _update(self, group, params, grads, states) -> None:
         beta1, beta2 = group["betas"]
         adamp(params, grads, states["exp_avg"], states["exp_avg_sq"], states["step"], foreach=group["foreach"],
-              lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-              delta=group["delta"], wd_ratio=group["wd_ratio"], nesterov=group["nesterov"])
+              fused=group.get("fused"), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+              weight_decay=group["weight_decay"], delta=group["delta"], wd_ratio=group["wd_ratio"],
+              nesterov=group["nesterov"])
 
 
 def adamp(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
           exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], *, foreach: bool | None, lr: float,
           beta1: float, beta2: float, eps: float, weight_decay: float, delta: float, wd_ratio: float,
-          nesterov: bool) -> None:
+          nesterov: bool, fused: bool | None = None) -> None:
     """Functional AdamP (state updated in place); see :class:`AdamP`."""
-    fn = _multi_tensor_adamp if _use_foreach(foreach, params) else _single_tensor_adamp
+    if fused:
+        fn = _fused_adamp
+    else:
+        fn = _multi_tensor_adamp if _use_foreach(foreach, params) else _single_tensor_adamp
     fn(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
        weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov)
 
@@ -133,6 +141,16 @@ def _single_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, bet
         if weight_decay > 0:
             p.mul_(_decay_factor(projected, lr, weight_decay, wd_ratio, p))
         p.add_(d, alpha=-lr / (1 - beta1**step))
+
+
+def _fused_adamp(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, delta,
+                 wd_ratio, nesterov) -> None:
+    torch._foreach_add_(steps, 1)
+    step_values = [s.item() for s in steps]  # CPU tensors: no device sync
+    _fused_cpu.extension().adamp_(params, _fused_cpu.contiguous(grads), exp_avgs, exp_avg_sqs,
+                                  [1 - beta1**s for s in step_values], [math.sqrt(1 - beta2**s) for s in step_values],
+                                  lr, beta1, beta2, eps, weight_decay, delta, wd_ratio, nesterov)
+    _bump_versions(params, exp_avgs, exp_avg_sqs)
 
 
 def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
@@ -185,7 +203,7 @@ class SGDP(PerTensorOptimizer):
         dampening: in [0, 1].
         weight_decay: decoupled decay (>= 0).
         nesterov: Nesterov momentum.
-        eps, delta, wd_ratio, foreach: as in :class:`AdamP`.
+        eps, delta, wd_ratio, foreach, fused: as in :class:`AdamP`.
     """
 
     state_factories = {"momentum": lambda p: torch.zeros_like(p, memory_format=torch.preserve_format)}
@@ -193,7 +211,7 @@ class SGDP(PerTensorOptimizer):
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
-                 wd_ratio: float = 0.1, foreach: bool | None = None) -> None:
+                 wd_ratio: float = 0.1, foreach: bool | None = None, fused: bool | None = None) -> None:
         _check("lr", lr, 0.0, low_open=True)
         _check("momentum", momentum, 0.0, 1.0, high_open=True)
         _check("dampening", dampening, 0.0, 1.0)
@@ -202,19 +220,25 @@ class SGDP(PerTensorOptimizer):
         _check("delta", delta, 0.0)
         _check("wd_ratio", wd_ratio, 0.0, 1.0)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, foreach=foreach)
+                        nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def _update(self, group, params, grads, states) -> None:
-        sgdp(params, grads, states["momentum"], foreach=group["foreach"], lr=group["lr"], momentum=group["momentum"],
+        sgdp(params, grads, states["momentum"], foreach=group["foreach"], fused=group.get("fused"), lr=group["lr"],
+             momentum=group["momentum"],
              dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
              eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"])
 
 
 def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *, foreach: bool | None,
          lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, eps: float, delta: float,
-         wd_ratio: float) -> None:
+         wd_ratio: float, fused: bool | None = None) -> None:
     """Functional SGDP (state updated in place); see :class:`SGDP`."""
+    if fused:
+        _fused_cpu.extension().sgdp_(params, _fused_cpu.contiguous(grads), bufs, lr, momentum, dampening,
+                                     weight_decay, nesterov, eps, delta, wd_ratio)
+        _bump_versions(params, bufs)
+        return
     foreach_path = _use_foreach(foreach, params)
     if foreach_path:
         torch._foreach_mul_(bufs, momentum)

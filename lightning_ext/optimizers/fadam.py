@@ -53,7 +53,8 @@ import math
 from collections.abc import Iterable
 
 import torch
-from lightning_ext.optimizers._base import PerTensorOptimizer, _check, _use_foreach
+from lightning_ext.optimizers import _fused_cpu
+from lightning_ext.optimizers._base import PerTensorOptimizer, _bump_versions, _check, _use_foreach
 
 __all__ = ["FAdam", "fadam", "EPS_MODES"]
 
@@ -83,6 +84,8 @@ class FAdam(PerTensorOptimizer):
         min_denominator: floor of D (>= 0).
         dead_coord_wd: ``"mask"`` or ``"paper"`` (see the module docstring).
         foreach: multi-tensor path (default: on for CUDA tensors, as in torch.optim).
+        fused: the fused C++ CPU step (:mod:`._fused_cpu`; contiguous float32/float64 CPU parameters,
+            compiled on first use). Off by default.
     """
 
     state_factories = {"step": lambda p: torch.tensor(0.0),
@@ -93,7 +96,7 @@ class FAdam(PerTensorOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.1, clip: float = 1.0, p: float = 0.5,
                  eps_mode: str = "v3", eps2: float | None = None, min_denominator: float = 1e-20,
-                 dead_coord_wd: str = "mask", foreach: bool | None = None) -> None:
+                 dead_coord_wd: str = "mask", foreach: bool | None = None, fused: bool | None = None) -> None:
         _check("lr", lr, 0.0, low_open=True)
         _check("betas[0]", betas[0], 0.0, 1.0, high_open=True)
         _check("betas[1]", betas[1], 0.0, 1.0, high_open=True)
@@ -111,12 +114,13 @@ class FAdam(PerTensorOptimizer):
         _check("eps2", eps2, 0.0)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, clip=clip, p=p,
                         eps_mode=eps_mode, eps2=eps2, min_denominator=min_denominator,
-                        dead_coord_wd=dead_coord_wd, foreach=foreach)
+                        dead_coord_wd=dead_coord_wd, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def _update(self, group, params, grads, states) -> None:
         beta1, beta2 = group["betas"]
         fadam(params, grads, states["momentum"], states["fim"], states["step"], foreach=group["foreach"],
+              fused=group.get("fused"),
               lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
               clip=group["clip"], p=group["p"], eps_mode=group["eps_mode"], eps2=group["eps2"],
               min_denominator=group["min_denominator"], dead_coord_wd=group["dead_coord_wd"])
@@ -154,15 +158,28 @@ def _decay_term(w: torch.Tensor, denom: torch.Tensor, fim: torch.Tensor, clip: f
 def fadam(params: list[torch.Tensor], grads: list[torch.Tensor], momenta: list[torch.Tensor],
           fims: list[torch.Tensor], steps: list[torch.Tensor], *, foreach: bool | None, lr: float, beta1: float,
           beta2: float, eps: float, weight_decay: float, clip: float, p: float, eps_mode: str, eps2: float,
-          min_denominator: float, dead_coord_wd: str) -> None:
+          min_denominator: float, dead_coord_wd: str, fused: bool | None = None) -> None:
     """Functional FAdam (state updated in place); see :class:`FAdam`."""
-    fn = _multi_tensor_fadam if _use_foreach(foreach, params) else _single_tensor_fadam
+    if fused:
+        fn = _fused_fadam
+    else:
+        fn = _multi_tensor_fadam if _use_foreach(foreach, params) else _single_tensor_fadam
     fn(params, grads, momenta, fims, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
        clip=clip, p=p, eps_mode=eps_mode, eps2=eps2, min_denominator=min_denominator, dead_coord_wd=dead_coord_wd)
 
 
 def _beta2_hat(beta2: float, step: float) -> float:
     return beta2 * (1 - beta2 ** (step - 1)) / (1 - beta2**step)
+
+
+def _fused_fadam(params, grads, momenta, fims, steps, *, lr, beta1, beta2, eps, weight_decay, clip, p, eps_mode,
+                 eps2, min_denominator, dead_coord_wd) -> None:
+    torch._foreach_add_(steps, 1)
+    b2 = [_beta2_hat(beta2, s.item()) for s in steps]  # CPU tensors: no device sync
+    _fused_cpu.extension().fadam_(params, _fused_cpu.contiguous(grads), momenta, fims, b2, lr, beta1, eps,
+                                  weight_decay, clip, p, EPS_MODES.index(eps_mode), eps2, min_denominator,
+                                  dead_coord_wd == "mask")
+    _bump_versions(params, momenta, fims)
 
 
 def _single_tensor_fadam(params, grads, momenta, fims, steps, *, lr, beta1, beta2, eps, weight_decay, clip, p,
