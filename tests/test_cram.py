@@ -43,12 +43,12 @@ def sgd(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
-def transcription(model, rho, sparsity, plus, sparse_grad):
+def transcription(model, rho, sparsity, plus, sparse_grad, make_opt=sgd, dtype=torch.float64):
     """§5.2 written out for global top-k with one sparsity (keeping ceil(n(1-s)) weights)."""
-    opt = sgd(model.parameters())
+    opt = make_opt(model.parameters())
     params = list(model.parameters())
     prunable = [p for p in params if p.dim() > 1]
-    for x, y in batches():
+    for x, y in digits_batches(STEPS, dtype=dtype):
         loss = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
         opt.zero_grad()
         loss().backward()
@@ -78,9 +78,9 @@ def transcription(model, rho, sparsity, plus, sparse_grad):
     return model
 
 
-def run_cram(model, **kw):
-    opt = CrAM(sgd(model.parameters()), model=model, **kw)
-    for x, y in batches():
+def run_cram(model, make_opt=sgd, dtype=torch.float64, **kw):
+    opt = CrAM(make_opt(model.parameters()), model=model, **kw)
+    for x, y in digits_batches(STEPS, dtype=dtype):
         opt.step(closure_for(model, opt, x, y))
     return model, opt
 
@@ -282,3 +282,28 @@ def test_callback_refuses_manual_optimization():
                          enable_checkpointing=False, callbacks=[CrAMCallback()])
     with pytest.raises(RuntimeError, match="CrAM with manual optimization"):
         trainer.fit(Manual(), datamodule=DigitsDataModule())
+
+
+def test_wraps_a_bitsandbytes_8bit_optimizer():
+    """bitsandbytes' 8-bit AdamW (CPU) as CrAM's base: the same steps as the transcription fed to the
+    same 8-bit optimizer, and not what the 8-bit optimizer alone does."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def model():
+        torch.manual_seed(0)  # 64 x 128 = 8192 weights: above bitsandbytes' 4096 threshold for 8-bit state
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)).float()
+
+    def adamw8bit(params):
+        return bnb.optim.AdamW8bit(params, lr=1e-3)
+
+    ours, opt = run_cram(model(), make_opt=adamw8bit, dtype=torch.float32, rho=0.05, sparsities=[0.7], plus=True)
+    assert opt.base.state[ours[0].weight]["state1"].dtype == torch.uint8  # the 8-bit path ran
+    ref = transcription(model(), rho=0.05, sparsity=0.7, plus=True, sparse_grad=True, make_opt=adamw8bit,
+                        dtype=torch.float32)
+    assert max_diff(ours, ref) <= 1e-6
+    plain = model()
+    base = adamw8bit(plain.parameters())
+    for x, y in digits_batches(STEPS, dtype=torch.float32):
+        closure_for(plain, base, x, y)()
+        base.step()
+    assert max_diff(ours, plain) > 1e-3
