@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from lightning_ext.callbacks import LAWN, CrAM
+from lightning_ext.callbacks import LAWN, CrAM, LossReweighting
 from lightning_ext.data import DigitsDataModule
 from lightning_ext.models import MLPClassifier
 
@@ -83,6 +83,10 @@ REGISTRY: list[Entry] = [
           model=lambda: MLPWith("torch.optim.SGD", lr=0.05, momentum=0.9, weight_decay=5e-4),
           callbacks=lambda: [CrAM(rho=0.05, sparsities=[0.5, 0.7, 0.9])],
           deepspeed={s: r"CrAM with DeepSpeed \(ZeRO stage" for s in (1, 2, 3)}),
+    # warm-up ends at step 20: the resume test stops (13) inside it and the run crosses into reweighting
+    Entry(name="reweighting", data=_digits, config="configs/reweighting.yaml",
+          model=lambda: MLPClassifier(hidden=[32], lr=1e-2),
+          callbacks=lambda: [LossReweighting(strategy="linupper", r=0.4, warmup_steps=20)]),
 ]
 
 BY_NAME = {e.name: e for e in REGISTRY}

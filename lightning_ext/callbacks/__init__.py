@@ -3,5 +3,6 @@
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.cram import CrAM
 from lightning_ext.callbacks.lawn import LAWN
+from lightning_ext.callbacks.reweighting import LossReweighting
 
-__all__ = ["LAWN", "CrAM", "Technique"]
+__all__ = ["LAWN", "CrAM", "LossReweighting", "Technique"]
