@@ -1,8 +1,9 @@
 """Lightning glue: one callback per technique (thin; the math lives in optimizers/ and nn/)."""
 
 from lightning_ext.callbacks.base import Technique
+from lightning_ext.callbacks.clnp import CLNP
 from lightning_ext.callbacks.cram import CrAM
 from lightning_ext.callbacks.lawn import LAWN
 from lightning_ext.callbacks.reweighting import LossReweighting
 
-__all__ = ["LAWN", "CrAM", "LossReweighting", "Technique"]
+__all__ = ["CLNP", "LAWN", "CrAM", "LossReweighting", "Technique"]

@@ -3,6 +3,8 @@
 from lightning_ext.data.digits import DigitsDataModule
 from lightning_ext.data.resumable import ResumableDataModule
 from lightning_ext.data.sampler import ResumableSampler
+from lightning_ext.data.split_digits import SplitDigitsDataModule
 from lightning_ext.data.stdlib_chars import StdlibCharDataModule
 
-__all__ = ["DigitsDataModule", "ResumableDataModule", "ResumableSampler", "StdlibCharDataModule"]
+__all__ = ["DigitsDataModule", "ResumableDataModule", "ResumableSampler", "SplitDigitsDataModule",
+           "StdlibCharDataModule"]

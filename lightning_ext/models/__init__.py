@@ -1,6 +1,7 @@
 """Offline demo LightningModules that follow the per-sample loss contract."""
 
 from lightning_ext.models.char_llama import CharLlama
+from lightning_ext.models.continual_mlp import ContinualMLP
 from lightning_ext.models.mlp import MLPClassifier
 
-__all__ = ["CharLlama", "MLPClassifier"]
+__all__ = ["CharLlama", "ContinualMLP", "MLPClassifier"]

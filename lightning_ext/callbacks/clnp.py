@@ -1,0 +1,360 @@
+"""``CLNP``: continual learning via neural pruning (Golkar, Kagan, Cho 2019, arXiv 1903.04476) as a
+Lightning callback. One ``trainer.fit`` is one task; the layer and the search are in
+:mod:`lightning_ext.nn.clnp`.
+
+Per task ``t`` (from the ``task`` argument, else ``trainer.datamodule.task``):
+
+* ``setup``: the chain of ``layers`` (``nn.Linear``, in forward order) and every head of the ``heads``
+  ``ModuleList`` become :class:`~lightning_ext.nn.clnp.CLNPLinear` (idempotent; original parameters
+  kept). Free neurons are given to task ``t`` and re-initialised (seeded by ``seed`` and ``t``:
+  identical on every rank). With ``checkpoint_dir``, the previous task's file is loaded first.
+* training: ``training_step`` is wrapped to add ``l1 * penalty`` to the loss — the mean over the batch
+  of the summed ReLU activity of task ``t``'s (trainable) neurons (``l1_on="activations"``), or the L1
+  norm of their weights (``"weights"``), or both.
+* ``on_fit_end``: on the validation set (``datamodule.val_dataloader()``, the whole set on every rank,
+  so all ranks decide alike) the mean ReLU activity of each candidate neuron is measured, and the
+  largest activity threshold whose pruning keeps validation accuracy within ``margin`` of the unpruned
+  network is found by binary search (graceful forgetting). Survivors stay with task ``t`` and are
+  frozen with head ``t``; pruned neurons return to the free pool. A table of new / reused / free
+  neurons per layer is printed and logged (``clnp/...``), and with ``checkpoint_dir`` the task's
+  result is saved as ``task<t>.pt`` (model ``state_dict`` + CLNP state) for the next task.
+
+Contract for the pruning search: validation batches are ``(x, y, task)`` and the module is called as
+``module(x, task)``, returning logits (:class:`lightning_ext.models.ContinualMLP` does).
+
+Zero forgetting needs no normalisation layer (refused at setup) and finite activations. Masks and
+frozen rows live in the forward pass, so weight decay, momentum, gradient accumulation and DeepSpeed
+ZeRO leave old tasks untouched. Decisions that are ours: activation L1 by default (the paper's text;
+weight L1 as an option), one threshold over all layers, binary search (assumes accuracy falls
+monotonically as more neurons are pruned), no fine-tuning after pruning.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lightning_ext._lightning_compat import pending_ckpt_path
+from lightning_ext.callbacks.base import Technique
+from lightning_ext.nn.clnp import FREE, CLNPLinear, check_no_normalization, threshold_search
+from lightning_ext.surgery import SurgeryError, describe_modules, gathered_parameters, replace_modules
+
+__all__ = ["CLNP"]
+
+L1_MODES = ("activations", "weights", "both")
+
+
+class CLNP(Technique):
+    """Continual learning via neural pruning: one ``trainer.fit`` per task (see the module docstring).
+
+    Args:
+        layers: names of the hidden ``nn.Linear`` layers, in forward order (each reads the previous
+            one's output). Default: every ``nn.Linear`` outside ``heads``, in registration order.
+        heads: name of the ``nn.ModuleList`` holding one ``nn.Linear`` head per task.
+        task: the task id of this fit (default: ``trainer.datamodule.task``).
+        l1: weight of the sparsity penalty (>= 0).
+        l1_on: ``"activations"`` (default), ``"weights"`` or ``"both"``.
+        margin: validation-accuracy drop tolerated by the pruning, in [0, 1].
+        seed: seed of the re-initialisation of free neurons.
+        checkpoint_dir: if set, load ``task<t-1>.pt`` before task ``t`` and save ``task<t>.pt`` after it.
+        reuse_threshold: an old neuron counts as reused when a new row reads it with a weight above this
+            fraction of the mean |weight| of the new rows (diagnostic only).
+    """
+
+    technique_name = "CLNP"
+
+    def __init__(self, layers: list[str] | None = None, heads: str = "heads", task: int | None = None,
+                 l1: float = 1e-3, l1_on: str = "activations", margin: float = 0.015, seed: int = 0,
+                 checkpoint_dir: str | None = None, reuse_threshold: float = 0.05) -> None:
+        super().__init__()
+        if l1 < 0:
+            raise ValueError(f"l1 must be >= 0, got {l1}")
+        if l1_on not in L1_MODES:
+            raise ValueError(f"l1_on must be one of {L1_MODES}, got {l1_on!r}")
+        if not 0.0 <= margin <= 1.0:
+            raise ValueError(f"margin must be in [0, 1], got {margin}")
+        if task is not None and task < 0:
+            raise ValueError(f"task must be >= 0, got {task}")
+        if reuse_threshold < 0:
+            raise ValueError(f"reuse_threshold must be >= 0, got {reuse_threshold}")
+        self.layer_names, self.heads_name, self.task = layers, heads, task
+        self.l1, self.l1_on, self.margin, self.seed = l1, l1_on, margin, seed
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.reuse_threshold = reuse_threshold
+        self.state = {"finished": 0, "history": []}
+        self.layers: list[CLNPLinear] = []
+        self.heads: list[CLNPLinear] = []
+        self._penalty: list[torch.Tensor] = []
+        self._current: int | None = None
+        self._wrapped: tuple[pl.LightningModule, Any] | None = None
+
+    # -- structure ------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> None:
+        """Convert the layers and heads in place (idempotent); usable outside a Trainer."""
+        heads = model.get_submodule(self.heads_name) if self._has(model, self.heads_name) else None
+        if not isinstance(heads, nn.ModuleList) or not all(isinstance(h, nn.Linear) for h in heads):
+            raise SurgeryError(f"CLNP: heads={self.heads_name!r} must name an nn.ModuleList of nn.Linear heads, "
+                               f"one per task. Modules that exist:\n{describe_modules(model)}")
+        names = self.layer_names
+        if names is None:
+            names = [n for n, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and not (n == self.heads_name or n.startswith(self.heads_name + "."))]
+        if not names:
+            raise SurgeryError(f"CLNP: no hidden nn.Linear layers found. Modules that exist:\n{describe_modules(model)}")
+        check_no_normalization(model, names)
+        layers = [model.get_submodule(n) if self._has(model, n) else None for n in names]
+        missing = [n for n, m in zip(names, layers) if not isinstance(m, nn.Linear)]
+        if missing:
+            raise SurgeryError(f"CLNP: layers {missing} are not nn.Linear modules of the model. Modules that "
+                               f"exist:\n{describe_modules(model)}")
+        for a, b, name in zip(layers[:-1], layers[1:], names[1:]):
+            if b.in_features != a.out_features:
+                raise ValueError(f"CLNP: layers must form a chain; {name!r} reads {b.in_features} features but the "
+                                 f"previous layer has {a.out_features} neurons")
+        if any(h.in_features != layers[-1].out_features for h in heads):
+            raise ValueError(f"CLNP: every head must read the last layer's {layers[-1].out_features} neurons")
+        todo = [n for n, m in zip(names, layers) if not isinstance(m, CLNPLinear)]
+        if todo:
+            replace_modules(model, todo, lambda _, old: CLNPLinear.from_linear(old))
+        for i, head in enumerate(heads):
+            if not isinstance(head, CLNPLinear):
+                heads[i] = CLNPLinear.from_linear(head, row_alloc=i)
+        self.layers = [model.get_submodule(n) for n in names]
+        self.heads = list(heads)
+        self._sync_inputs()
+
+    @staticmethod
+    def _has(model: nn.Module, name: str) -> bool:
+        try:
+            model.get_submodule(name)
+            return True
+        except AttributeError:
+            return False
+
+    @torch.no_grad()
+    def _sync_inputs(self) -> None:
+        for prev, layer in zip(self.layers[:-1], self.layers[1:]):
+            layer.in_alloc.copy_(prev.alloc)
+        for head in self.heads:
+            head.in_alloc.copy_(self.layers[-1].alloc)
+
+    # -- Lightning hooks ------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        self.prepare(pl_module)
+        task = self._task_of(trainer)
+        if task >= len(self.heads):
+            raise ValueError(f"CLNP: task {task} has no head: {self.heads_name!r} holds {len(self.heads)}")
+        self._current = task
+        if pending_ckpt_path(trainer) is None:  # a resumed task gets everything from its checkpoint
+            self._load_previous(pl_module, task)
+            self._begin_task(task)
+        self._install(pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._wrapped is not None and stage == "fit":
+            module, installed = self._wrapped
+            if module.__dict__.get("training_step") is installed:
+                del module.training_step
+            self._wrapped = None
+            for layer in self.layers:
+                layer.activity_hook = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.interrupted or self._current is None:
+            return
+        record = self.prune_and_commit(trainer, pl_module, self._current)
+        self._report(trainer, record)
+        if self.checkpoint_dir is not None:
+            self._save_task(trainer, pl_module, self._current)
+
+    # -- the technique --------------------------------------------------------------------------
+    def _task_of(self, trainer: pl.Trainer) -> int:
+        if self.task is not None:
+            return self.task
+        task = getattr(trainer.datamodule, "task", None) if trainer.datamodule is not None else None
+        if not isinstance(task, int):
+            raise ValueError("CLNP needs the task id: pass CLNP(task=...) or use a datamodule with an int `task` "
+                             "attribute (e.g. lightning_ext.data.SplitDigitsDataModule)")
+        return task
+
+    def _begin_task(self, task: int) -> None:
+        finished = self.state["finished"]
+        if task != finished:
+            raise ValueError(f"CLNP: tasks run in order, one fit each; {finished} finished, so the next task is "
+                             f"{finished}, not {task}" + (" (use checkpoint_dir to carry results between "
+                                                         "processes)" if task > finished else ""))
+        with torch.no_grad():
+            for index, layer in enumerate(self.layers):
+                free = layer.alloc == FREE
+                layer.alloc[free] = task
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + task * 1_009 + index)
+                with gathered_parameters(layer, modifier_rank=0):
+                    layer.reinit_rows(free.cpu(), generator)
+        self._sync_inputs()
+
+    def _install(self, pl_module: pl.LightningModule) -> None:
+        if self._wrapped is not None:
+            return
+        original = pl_module.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            self._penalty.clear()
+            output = original(*args, **kwargs)
+            penalty = self.penalty()
+            self._penalty.clear()
+            if penalty is None:
+                return output
+            if isinstance(output, torch.Tensor):
+                return output + self.l1 * penalty
+            return {**output, "loss": output["loss"] + self.l1 * penalty}
+
+        pl_module.training_step = training_step
+        self._wrapped = (pl_module, training_step)
+        if self.l1_on in ("activations", "both"):
+            for layer in self.layers:
+                layer.activity_hook = self._collect
+
+    def _collect(self, layer: CLNPLinear, out: torch.Tensor) -> None:
+        if layer.training and torch.is_grad_enabled():
+            trainable = ~layer.frozen
+            self._penalty.append(torch.relu(out[..., trainable]).flatten(0, -2).sum(-1).mean())
+
+    def penalty(self) -> torch.Tensor | None:
+        """The L1 term of the current forward pass (activations) and/or of the trainable rows' weights."""
+        if self.l1 == 0:
+            return None
+        terms = list(self._penalty)
+        if self.l1_on in ("weights", "both"):
+            terms += [layer.weight[~layer.frozen].abs().sum() for layer in self.layers]
+        return torch.stack(terms).sum() if terms else None
+
+    @torch.no_grad()
+    def prune_and_commit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> dict[str, Any]:
+        """Measure activity on validation data, search the threshold, allocate and freeze (task end)."""
+        loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else trainer.val_dataloaders
+        was_training = pl_module.training
+        pl_module.eval()
+        candidates = [(layer.alloc == task) & ~layer.frozen for layer in self.layers]
+        sums = [torch.zeros(layer.out_features, dtype=torch.float64) for layer in self.layers]
+        count = [0]
+
+        def record(layer: CLNPLinear, out: torch.Tensor) -> None:
+            sums[self.layers.index(layer)] += torch.relu(out.detach()).flatten(0, -2).sum(0).double().cpu()
+
+        def accuracy(collect: bool = False) -> float:
+            correct = total = 0
+            for layer in self.layers:
+                layer.activity_hook = record if collect else None
+            for x, y, t in loader:
+                x, y = x.to(pl_module.device), y.to(pl_module.device)
+                logits = pl_module(x, int(t[0]))
+                if not torch.isfinite(logits).all():
+                    raise FloatingPointError("CLNP: non-finite outputs; zero forgetting needs finite activations")
+                correct += int((logits.argmax(-1) == y).sum())
+                total += len(y)
+                if collect:
+                    count[0] += len(y)
+            for layer in self.layers:
+                layer.activity_hook = None
+            return correct / max(total, 1)
+
+        full = accuracy(collect=True)
+        activity = torch.cat([(s / max(count[0], 1))[c.cpu()] for s, c in zip(sums, candidates)])
+
+        def set_kept(keep: torch.Tensor) -> None:
+            offset = 0
+            for layer, cand in zip(self.layers, candidates):
+                n = int(cand.sum())
+                alloc = torch.where(cand, torch.tensor(task, dtype=torch.int16, device=cand.device), layer.alloc)
+                dropped = torch.zeros_like(cand)
+                dropped[cand.nonzero().flatten()] = ~keep[offset:offset + n].to(cand.device)
+                layer.alloc.copy_(torch.where(dropped, torch.tensor(FREE, dtype=torch.int16, device=cand.device),
+                                              alloc))
+                offset += n
+            self._sync_inputs()
+
+        def accuracy_if_kept(keep: torch.Tensor) -> float:
+            set_kept(keep)
+            return accuracy()
+
+        if activity.numel() > 1:
+            keep, threshold, pruned_acc = threshold_search(activity, accuracy_if_kept, full, self.margin)
+        else:
+            keep, threshold, pruned_acc = torch.ones_like(activity, dtype=torch.bool), -math.inf, full
+        set_kept(keep)
+        for layer in self.layers:
+            with gathered_parameters(layer):
+                layer.freeze_rows((layer.alloc == task) & ~layer.frozen)
+        head = self.heads[task]
+        with gathered_parameters(head):
+            head.freeze_rows(torch.ones(head.out_features, dtype=torch.bool, device=head.frozen.device))
+        pl_module.train(was_training)
+        record_ = {"task": task, "val_acc_before": full, "val_acc_after": pruned_acc, "threshold": threshold,
+                   "layers": self.capacity(task)}
+        self.state["history"].append(record_)
+        self.state["finished"] = task + 1
+        return record_
+
+    def capacity(self, task: int) -> list[dict[str, int]]:
+        """Per layer: neurons allocated to ``task`` (new), old neurons its rows read (reused), free ones."""
+        rows = []
+        consumers = [*self.layers[1:], self.heads[task]]
+        for layer, consumer in zip(self.layers, consumers):
+            new_rows = consumer.alloc == task
+            weights = consumer.effective_weight()[new_rows].abs()
+            old = (consumer.in_alloc >= 0) & (consumer.in_alloc < task)
+            cutoff = self.reuse_threshold * weights[weights > 0].mean() if (weights > 0).any() else math.inf
+            reused = int(((weights > cutoff).any(0) & old).sum()) if new_rows.any() else 0
+            rows.append({"new": int((layer.alloc == task).sum()), "reused": reused,
+                         "free": int((layer.alloc == FREE).sum())})
+        return rows
+
+    def _report(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
+        names = self.layer_names or [f"layer{i}" for i in range(len(self.layers))]
+        lines = [f"CLNP task {record['task']}: val acc {record['val_acc_before']:.3f} -> {record['val_acc_after']:.3f}",
+                 "| layer | new | reused | free |", "|---|---|---|---|"]
+        metrics = {"clnp/val_acc_before_prune": record["val_acc_before"],
+                   "clnp/val_acc_after_prune": record["val_acc_after"]}
+        for name, row in zip(names, record["layers"]):
+            lines.append(f"| {name} | {row['new']} | {row['reused']} | {row['free']} |")
+            for key in ("new", "reused", "free"):
+                metrics[f"clnp/{key}/{name}"] = row[key]
+        rank_zero_info("\n".join(lines))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- carrying results between fits ------------------------------------------------------------
+    def task_file(self, task: int) -> Path:
+        assert self.checkpoint_dir is not None
+        return self.checkpoint_dir / f"task{task}.pt"
+
+    def _load_previous(self, pl_module: pl.LightningModule, task: int) -> None:
+        if self.checkpoint_dir is None or task == 0 or self.state["finished"] >= task:
+            return
+        path = self.task_file(task - 1)
+        if not path.is_file():
+            raise FileNotFoundError(f"CLNP: task {task} needs the result of task {task - 1}, {path}, which does not "
+                                    f"exist; run the tasks in order with the same checkpoint_dir")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        pl_module.load_state_dict(saved["state_dict"])
+        self.load_state_dict(saved["clnp"])
+
+    def _save_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
+        with gathered_parameters(pl_module):
+            state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        if trainer.is_global_zero:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": state, "clnp": self.state_dict()}, self.task_file(task))
+        trainer.strategy.barrier("clnp_save_task")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"finished": self.state["finished"], "history": [dict(h) for h in self.state["history"]]}

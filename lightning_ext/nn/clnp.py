@@ -1,0 +1,141 @@
+r"""The masked layer and the pruning search of CLNP: "Continual Learning via Neural Pruning"
+(Golkar, Kagan, Cho; NeurIPS 2019 workshop "Real Neurons & Hidden Units", arXiv 1903.04476).
+:class:`lightning_ext.callbacks.CLNP` is the Lightning glue.
+
+Every hidden neuron (a row of a :class:`CLNPLinear`) carries an allocation ``a``: the task that owns
+it, or :data:`FREE`; a layer's inputs carry the allocations of the previous layer's neurons (``-1``
+for the network's inputs). The forward pass enforces, with no gradient masks:
+
+* the connection rule — weight ``j -> i`` is used only if ``a(j) <= a(i)``: new neurons read old
+  ones, old neurons never read new (or free) ones; a task's head has ``a = task`` on every row;
+* freezing — rows of finished tasks come from a frozen copy (a buffer), not from the trainable
+  weight, so weight decay, momentum and optimizer sharding (DeepSpeed ZeRO) cannot move them.
+
+Old outputs therefore stay bit-identical: each old neuron sums exactly the same products plus exact
+zeros (for the same shapes, kernels and thread count; activations must be finite).
+
+No maintained library implements CLNP and no official code exists; written from the paper. The
+paper's L1 regulariser is on activations (``l1_on="activations"``, default) — secondary sources use
+weight L1, offered as ``"weights"`` / ``"both"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FREE", "CLNPLinear", "threshold_search"]
+
+FREE = torch.iinfo(torch.int16).max  # larger than every task index: free neurons are read by no task
+
+
+class CLNPLinear(nn.Linear):
+    """``nn.Linear`` with per-row allocations, the connection rule and frozen rows (see module docstring).
+
+    Build with :meth:`from_linear` (the original ``Parameter`` objects are kept). Buffers, all in the
+    ``state_dict`` (so in every checkpoint): ``alloc`` (int16 ``[out]``), ``in_alloc`` (int16 ``[in]``),
+    ``frozen`` (bool ``[out]``), ``frozen_weight`` / ``frozen_bias`` (the frozen rows' values).
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, row_alloc: int = FREE) -> CLNPLinear:
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  device=linear.weight.device, dtype=linear.weight.dtype)
+        new.weight = linear.weight
+        if linear.bias is not None:
+            new.bias = linear.bias
+        out, inp = linear.out_features, linear.in_features
+        new.register_buffer("alloc", torch.full((out,), row_alloc, dtype=torch.int16, device=linear.weight.device))
+        new.register_buffer("in_alloc", torch.full((inp,), -1, dtype=torch.int16, device=linear.weight.device))
+        new.register_buffer("frozen", torch.zeros(out, dtype=torch.bool, device=linear.weight.device))
+        new.register_buffer("frozen_weight", torch.zeros_like(linear.weight, requires_grad=False))
+        new.register_buffer("frozen_bias", torch.zeros_like(linear.bias, requires_grad=False)
+                            if linear.bias is not None else None)
+        new.activity_hook = None  # set by the CLNP callback: called with (layer, output)
+        return new
+
+    def allowed(self) -> torch.Tensor:
+        """``[out, in]`` bool: the connection rule, by a broadcast compare (no stored mask)."""
+        return self.in_alloc.unsqueeze(0) <= self.alloc.unsqueeze(1)
+
+    def effective_weight(self) -> torch.Tensor:
+        return torch.where(self.frozen.unsqueeze(1), self.frozen_weight, self.weight) * self.allowed()
+
+    def effective_bias(self) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return torch.where(self.frozen, self.frozen_bias, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.effective_weight(), self.effective_bias())
+        if self.activity_hook is not None:
+            self.activity_hook(self, out)
+        return out
+
+    @torch.no_grad()
+    def freeze_rows(self, rows: torch.Tensor) -> None:
+        """Copy the rows' current effective values into the frozen buffers and freeze them."""
+        weight = self.weight * self.allowed()
+        self.frozen_weight[rows] = weight[rows].to(self.frozen_weight.dtype)
+        if self.bias is not None:
+            self.frozen_bias[rows] = self.bias[rows].to(self.frozen_bias.dtype)
+        self.frozen[rows] = True
+
+    @torch.no_grad()
+    def reinit_rows(self, rows: torch.Tensor, generator: torch.Generator) -> None:
+        """nn.Linear's default initialisation for the given rows (seeded: identical on every rank)."""
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        n = int(rows.sum())
+        if n == 0:
+            return
+        # kaiming_uniform(a=sqrt(5)) as nn.Linear: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias
+        values = (torch.rand(n, self.in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        self.weight[rows] = values.to(self.weight.dtype).to(self.weight.device)
+        if self.bias is not None:
+            b = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+            self.bias[rows] = b.to(self.bias.dtype).to(self.bias.device)
+
+
+def threshold_search(activity: torch.Tensor, accuracy_if_kept: Callable[[torch.Tensor], float],
+                     full_accuracy: float, margin: float) -> tuple[torch.Tensor, float, float]:
+    """The largest activity threshold whose pruning keeps validation accuracy >= ``full - margin``.
+
+    ``activity``: mean activity of each candidate neuron (flat over layers). ``accuracy_if_kept(mask)``
+    evaluates with only ``mask``'s candidates kept. Binary search over the sorted activities (assumes
+    accuracy is non-increasing as more neurons are pruned: ~log2(n) evaluations); pruning keeps at
+    least one neuron. Returns ``(keep mask, threshold, accuracy)``.
+    """
+    order = activity.argsort()
+    sorted_act = activity[order]
+    target = full_accuracy - margin
+
+    def keep_mask(n_pruned: int) -> torch.Tensor:
+        mask = torch.ones_like(activity, dtype=torch.bool)
+        mask[order[:n_pruned]] = False
+        return mask
+
+    low, high = 0, activity.numel() - 1  # prune `low` passes; search the largest passing count
+    best_acc = full_accuracy
+    while low < high:
+        mid = (low + high + 1) // 2
+        acc = accuracy_if_kept(keep_mask(mid))
+        if acc >= target:
+            low, best_acc = mid, acc
+        else:
+            high = mid - 1
+    threshold = float(sorted_act[low - 1]) if low > 0 else -math.inf
+    return keep_mask(low), threshold, best_acc
+
+
+def check_no_normalization(model: nn.Module, layers: Sequence[str]) -> None:
+    """Normalisation layers mix old and new neurons (statistics, shared affine maps): refuse them."""
+    bad = [(name, type(m).__name__) for name, m in model.named_modules()
+           if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm))]
+    if bad:
+        raise ValueError(f"CLNP cannot guarantee zero forgetting with normalisation layers, whose statistics and "
+                         f"affine parameters span old and new neurons; found {bad}. Use a network without "
+                         f"normalisation on the pruned layers {list(layers)} (CLNP targets MLP/CNN hidden units).")

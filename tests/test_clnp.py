@@ -1,0 +1,128 @@
+"""CLNP (Golkar et al., 2019): exact zero forgetting, the connection rule, freezing in the forward pass,
+the task sequence across processes, clear refusals."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_ext.callbacks import CLNP
+from lightning_ext.continual import fit_task_sequence
+from lightning_ext.data import SplitDigitsDataModule
+from lightning_ext.models import ContinualMLP
+from lightning_ext.nn.clnp import FREE, CLNPLinear, threshold_search
+
+TASKS = 3
+EPOCHS = 15
+
+
+class DecayedMLP(ContinualMLP):
+    """AdamW with weight decay: frozen rows must not move although decay acts on every parameter."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.1)
+
+
+def trainer_for(clnp: CLNP, epochs: int = EPOCHS, **kw) -> pl.Trainer:
+    settings = dict(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                    check_val_every_n_epoch=10_000, deterministic=True)
+    return pl.Trainer(callbacks=[clnp], **{**settings, **kw})
+
+
+def test_logits(model: ContinualMLP, task: int) -> torch.Tensor:
+    x = SplitDigitsDataModule(task=task).splits(task)["test"].tensors[0]
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x, task)
+    model.train(was)
+    return out
+
+
+test_logits.__test__ = False  # a helper, not a test
+
+
+def run_sequence(tasks: int = TASKS, l1: float = 1e-3, num_tasks: int | None = None, **clnp_kw):
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    pl.seed_everything(0, verbose=False)
+    model = DecayedMLP(hidden=[64, 64], num_tasks=num_tasks or tasks)
+    clnp = CLNP(l1=l1, **clnp_kw)
+    snapshots: dict[int, torch.Tensor] = {}
+    drifts: list[tuple[int, int]] = []
+
+    def after(task, m):
+        snapshots[task] = test_logits(m, task)
+        drifts.extend((old, task) for old in range(task)
+                      if old in snapshots and not torch.equal(snapshots[old], test_logits(m, old)))
+
+    fit_task_sequence(model, [SplitDigitsDataModule(task=t) for t in range(tasks)], lambda t: trainer_for(clnp),
+                      clnp, after_task=after)
+    return model, clnp, drifts
+
+
+def test_zero_forgetting_is_exact():
+    model, clnp, drifts = run_sequence()
+    assert drifts == []  # every earlier head's logits torch.equal after every later task
+    assert clnp.state["finished"] == TASKS and len(clnp.state["history"]) == TASKS
+    frees = [[row["free"] for row in h["layers"]] for h in clnp.state["history"]]
+    assert all(a >= b for prev, cur in zip(frees, frees[1:]) for a, b in zip(prev, cur))  # capacity only shrinks
+    assert all(h["val_acc_after"] >= h["val_acc_before"] - 0.015 for h in clnp.state["history"])
+
+
+def test_forgetting_returns_without_the_frozen_rows(monkeypatch):
+    """The same sequence with freezing switched off (trainable weights used for every row): old outputs drift."""
+    monkeypatch.setattr(CLNPLinear, "effective_weight", lambda self: self.weight * self.allowed())
+    _, _, drifts = run_sequence()
+    assert drifts
+
+
+def test_connection_rule_and_frozen_rows():
+    model, clnp, _ = run_sequence(tasks=2)
+    for layer in [*clnp.layers, *clnp.heads]:
+        w = layer.effective_weight()
+        reads = w != 0
+        a_out, a_in = layer.alloc.long(), layer.in_alloc.long()
+        assert not (reads & (a_in.unsqueeze(0) > a_out.unsqueeze(1))).any()  # nobody reads a later neuron
+        assert torch.equal(w[layer.frozen], layer.frozen_weight[layer.frozen] * layer.allowed()[layer.frozen])
+        # weight decay moved the trainable copies of frozen rows, but the forward pass never uses them
+    assert any(not torch.equal(l.weight[l.frozen], l.frozen_weight[l.frozen]) for l in clnp.layers)
+    assert all(bool(h.frozen.all()) for h in clnp.heads)
+    assert all((l.alloc == FREE).any() for l in clnp.layers)  # capacity left for later tasks
+
+
+def test_sequence_resumes_across_processes_from_checkpoint_dir(tmp_path):
+    straight, _, _ = run_sequence(tasks=3, checkpoint_dir=str(tmp_path / "a"))
+    # "process 1" runs tasks 0 and 1; "process 2" (fresh objects) finds them on disk and runs task 2
+    run_sequence(tasks=2, num_tasks=3, checkpoint_dir=str(tmp_path / "b"))
+    resumed, clnp, drifts = run_sequence(tasks=3, checkpoint_dir=str(tmp_path / "b"))
+    assert drifts == [] and clnp.state["finished"] == 3 and len(clnp.state["history"]) == 3
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_threshold_search_keeps_the_largest_passing_prune():
+    activity = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.05])
+    # accuracy drops once the neuron with activity 0.3 is pruned
+    keep, threshold, acc = threshold_search(activity, lambda keep: 1.0 if keep[3] else 0.5, 1.0, 0.01)
+    assert keep.tolist() == [True, False, True, True, False] and threshold == pytest.approx(0.1) and acc == 1.0
+
+
+def test_refusals_name_the_problem():
+    with pytest.raises(ValueError, match="l1_on must be one of"):
+        CLNP(l1_on="grads")
+    with pytest.raises(ValueError, match="margin must be in"):
+        CLNP(margin=2.0)
+    bn = ContinualMLP(hidden=[8])
+    bn.net.insert(1, nn.BatchNorm1d(8))
+    with pytest.raises(ValueError, match="normalisation layers.*BatchNorm1d"):
+        CLNP().prepare(bn)
+    with pytest.raises(ValueError, match="heads='head'"):
+        CLNP(heads="head").prepare(ContinualMLP(hidden=[8]))
+    clnp = CLNP()
+    with pytest.raises(ValueError, match="tasks run in order.*next task is 0, not 1"):
+        trainer_for(clnp, epochs=1).fit(ContinualMLP(hidden=[8]), datamodule=SplitDigitsDataModule(task=1))
