@@ -4,6 +4,9 @@ the task sequence across processes, clear refusals."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -18,6 +21,7 @@ from lightning_ext.nn.clnp import FREE, CLNPLinear, threshold_search
 
 TASKS = 3
 EPOCHS = 15
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
 class DecayedMLP(ContinualMLP):
@@ -126,3 +130,29 @@ def test_refusals_name_the_problem():
     clnp = CLNP()
     with pytest.raises(ValueError, match="tasks run in order.*next task is 0, not 1"):
         trainer_for(clnp, epochs=1).fit(ContinualMLP(hidden=[8]), datamodule=SplitDigitsDataModule(task=1))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_frozen_rows_stay_frozen_under_deepspeed(stage, tmp_path):
+    """Task 0 here; task 1 under DeepSpeed ZeRO (2 processes, AdamW with weight decay): task 0's outputs
+    are bit-identical afterwards, and task 1 trained."""
+    pytest.importorskip("deepspeed")
+    tasks = tmp_path / "tasks"
+    pl.seed_everything(0, verbose=False)
+    model = DecayedMLP(hidden=[32, 32], num_tasks=2)
+    trainer_for(CLNP(l1=1e-3, checkpoint_dir=str(tasks)), epochs=3).fit(
+        model, datamodule=SplitDigitsDataModule(task=0, batch_size=8))
+    before = test_logits(model, 0)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "clnp_deepspeed.py"), str(tasks),
+                           f"deepspeed_cpu_stage_{stage}"], cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    errors = "".join(e.read_text() for e in tasks.glob("error*.txt"))
+    assert proc.returncode == 0 and not errors, proc.stdout[-2000:] + proc.stderr[-2000:] + errors
+    after = DecayedMLP(hidden=[32, 32], num_tasks=2)
+    CLNP().prepare(after)
+    saved = torch.load(tasks / "task1.pt", weights_only=True)
+    after.load_state_dict(saved["state_dict"])
+    assert saved["clnp"]["finished"] == 2
+    assert torch.equal(before, test_logits(after, 0))
+    assert not torch.equal(after.heads[1].frozen_weight, torch.zeros_like(after.heads[1].frozen_weight))

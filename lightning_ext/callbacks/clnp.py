@@ -8,7 +8,7 @@ Per task ``t`` (from the ``task`` argument, else ``trainer.datamodule.task``):
   ``ModuleList`` become :class:`~lightning_ext.nn.clnp.CLNPLinear` (idempotent; original parameters
   kept). Free neurons are given to task ``t`` and re-initialised (seeded by ``seed`` and ``t``:
   identical on every rank). With ``checkpoint_dir``, the previous task's file is loaded first.
-* training: ``training_step`` is wrapped to add ``l1 * penalty`` to the loss — the mean over the batch
+* training: only head ``t`` has ``requires_grad``; ``training_step`` is wrapped to add ``l1 * penalty`` to the loss — the mean over the batch
   of the summed ReLU activity of task ``t``'s (trainable) neurons (``l1_on="activations"``), or the L1
   norm of their weights (``"weights"``), or both.
 * ``on_fit_end``: on the validation set (``datamodule.val_dataloader()``, the whole set on every rank,
@@ -219,6 +219,10 @@ class CLNP(Technique):
 
         pl_module.training_step = training_step
         self._wrapped = (pl_module, training_step)
+        # only this task's head trains (the others would be unused parameters under DDP)
+        for index, head in enumerate(self.heads):
+            for p in head.parameters():
+                p.requires_grad_(index == self._current)
         if self.l1_on in ("activations", "both"):
             for layer in self.layers:
                 layer.activity_hook = self._collect
@@ -274,10 +278,10 @@ class CLNP(Technique):
             offset = 0
             for layer, cand in zip(self.layers, candidates):
                 n = int(cand.sum())
-                alloc = torch.where(cand, torch.tensor(task, dtype=torch.int16, device=cand.device), layer.alloc)
+                alloc = torch.where(cand, torch.tensor(task, dtype=layer.alloc.dtype, device=cand.device), layer.alloc)
                 dropped = torch.zeros_like(cand)
                 dropped[cand.nonzero().flatten()] = ~keep[offset:offset + n].to(cand.device)
-                layer.alloc.copy_(torch.where(dropped, torch.tensor(FREE, dtype=torch.int16, device=cand.device),
+                layer.alloc.copy_(torch.where(dropped, torch.tensor(FREE, dtype=layer.alloc.dtype, device=cand.device),
                                               alloc))
                 offset += n
             self._sync_inputs()
@@ -296,7 +300,7 @@ class CLNP(Technique):
                 layer.freeze_rows((layer.alloc == task) & ~layer.frozen)
         head = self.heads[task]
         with gathered_parameters(head):
-            head.freeze_rows(torch.ones(head.out_features, dtype=torch.bool, device=head.frozen.device))
+            head.freeze_rows(torch.ones(head.out_features, dtype=torch.bool, device=head.frozen_rows.device))
         pl_module.train(was_training)
         record_ = {"task": task, "val_acc_before": full, "val_acc_after": pruned_acc, "threshold": threshold,
                    "layers": self.capacity(task)}
@@ -309,8 +313,8 @@ class CLNP(Technique):
         rows = []
         consumers = [*self.layers[1:], self.heads[task]]
         for layer, consumer in zip(self.layers, consumers):
-            new_rows = consumer.alloc == task
-            weights = consumer.effective_weight()[new_rows].abs()
+            new_rows = (consumer.alloc == task) & consumer.frozen  # just frozen: their values are in the buffers
+            weights = (consumer.frozen_weight * consumer.allowed())[new_rows].abs()
             old = (consumer.in_alloc >= 0) & (consumer.in_alloc < task)
             cutoff = self.reuse_threshold * weights[weights > 0].mean() if (weights > 0).any() else math.inf
             reused = int(((weights > cutoff).any(0) & old).sum()) if new_rows.any() else 0

@@ -31,14 +31,17 @@ from torch import nn
 __all__ = ["FREE", "CLNPLinear", "threshold_search"]
 
 FREE = torch.iinfo(torch.int16).max  # larger than every task index: free neurons are read by no task
+# gloo (DDP's CPU backend) cannot broadcast int16 or bool buffers: allocations are int32, flags uint8
+ALLOC_DTYPE = torch.int32
 
 
 class CLNPLinear(nn.Linear):
     """``nn.Linear`` with per-row allocations, the connection rule and frozen rows (see module docstring).
 
     Build with :meth:`from_linear` (the original ``Parameter`` objects are kept). Buffers, all in the
-    ``state_dict`` (so in every checkpoint): ``alloc`` (int16 ``[out]``), ``in_alloc`` (int16 ``[in]``),
-    ``frozen`` (bool ``[out]``), ``frozen_weight`` / ``frozen_bias`` (the frozen rows' values).
+    ``state_dict`` (so in every checkpoint): ``alloc`` (int32 ``[out]``), ``in_alloc`` (int32 ``[in]``),
+    ``frozen_rows`` (uint8 ``[out]``; :attr:`frozen` is its bool view), ``frozen_weight`` / ``frozen_bias``
+    (the frozen rows' values).
     """
 
     @classmethod
@@ -49,14 +52,19 @@ class CLNPLinear(nn.Linear):
         if linear.bias is not None:
             new.bias = linear.bias
         out, inp = linear.out_features, linear.in_features
-        new.register_buffer("alloc", torch.full((out,), row_alloc, dtype=torch.int16, device=linear.weight.device))
-        new.register_buffer("in_alloc", torch.full((inp,), -1, dtype=torch.int16, device=linear.weight.device))
-        new.register_buffer("frozen", torch.zeros(out, dtype=torch.bool, device=linear.weight.device))
+        new.register_buffer("alloc", torch.full((out,), row_alloc, dtype=ALLOC_DTYPE, device=linear.weight.device))
+        new.register_buffer("in_alloc", torch.full((inp,), -1, dtype=ALLOC_DTYPE, device=linear.weight.device))
+        new.register_buffer("frozen_rows", torch.zeros(out, dtype=torch.uint8, device=linear.weight.device))
         new.register_buffer("frozen_weight", torch.zeros_like(linear.weight, requires_grad=False))
         new.register_buffer("frozen_bias", torch.zeros_like(linear.bias, requires_grad=False)
                             if linear.bias is not None else None)
         new.activity_hook = None  # set by the CLNP callback: called with (layer, output)
         return new
+
+    @property
+    def frozen(self) -> torch.Tensor:
+        """``[out]`` bool: rows of finished tasks."""
+        return self.frozen_rows.bool()
 
     def allowed(self) -> torch.Tensor:
         """``[out, in]`` bool: the connection rule, by a broadcast compare (no stored mask)."""
@@ -83,7 +91,7 @@ class CLNPLinear(nn.Linear):
         self.frozen_weight[rows] = weight[rows].to(self.frozen_weight.dtype)
         if self.bias is not None:
             self.frozen_bias[rows] = self.bias[rows].to(self.frozen_bias.dtype)
-        self.frozen[rows] = True
+        self.frozen_rows[rows] = 1
 
     @torch.no_grad()
     def reinit_rows(self, rows: torch.Tensor, generator: torch.Generator) -> None:

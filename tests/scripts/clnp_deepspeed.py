@@ -1,0 +1,52 @@
+"""Task 1 of a CLNP sequence under a DeepSpeed strategy (2 processes), continuing from task 0's file.
+
+    python tests/scripts/clnp_deepspeed.py TASK_DIR deepspeed_cpu_stage_3
+
+Writes TASK_DIR/task1.pt (the CLNP callback's checkpoint_dir file, weights gathered to full tensors);
+a failure is written to TASK_DIR/error<rank>.txt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    task_dir, strategy = Path(sys.argv[1]), sys.argv[2]
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    import lightning.pytorch as pl
+
+    import lightning_ext.strategies  # noqa: F401  (registers deepspeed_cpu*)
+    from lightning_ext.callbacks import CLNP
+    from lightning_ext.data import SplitDigitsDataModule
+    from test_clnp import DecayedMLP
+
+    try:
+        pl.seed_everything(1, verbose=False)
+        clnp = CLNP(l1=1e-3, checkpoint_dir=str(task_dir))
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=3, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clnp])
+        trainer.fit(DecayedMLP(hidden=[32, 32], num_tasks=2), datamodule=SplitDigitsDataModule(task=1, batch_size=8))
+    except Exception as err:  # noqa: BLE001 - the test reads it
+        (task_dir / f"error{os.environ.get('LOCAL_RANK', '0')}.txt").write_text(
+            f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    rc = main()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
