@@ -143,6 +143,8 @@ class CLNP(Technique):
             layer.in_alloc.copy_(prev.alloc)
         for head in self.heads:
             head.in_alloc.copy_(self.layers[-1].alloc)
+        for layer in [*self.layers, *self.heads]:
+            layer.refresh()
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -229,8 +231,9 @@ class CLNP(Technique):
 
     def _collect(self, layer: CLNPLinear, out: torch.Tensor) -> None:
         if layer.training and torch.is_grad_enabled():
-            trainable = ~layer.frozen
-            self._penalty.append(torch.relu(out[..., trainable]).flatten(0, -2).sum(-1).mean())
+            # mean over the batch of the summed activity of the trainable neurons
+            active = torch.relu(out).flatten(0, -2)
+            self._penalty.append(active.sum(0) @ layer.train_rows / active.shape[0])
 
     def penalty(self) -> torch.Tensor | None:
         """The L1 term of the current forward pass (activations) and/or of the trainable rows' weights."""

@@ -58,7 +58,15 @@ class CLNPLinear(nn.Linear):
         new.register_buffer("frozen_weight", torch.zeros_like(linear.weight, requires_grad=False))
         new.register_buffer("frozen_bias", torch.zeros_like(linear.bias, requires_grad=False)
                             if linear.bias is not None else None)
+        # derived from the buffers above, recomputed by refresh() whenever they change (not saved):
+        # the forward is then one addcmul, W_eff = frozen_part + W * train_mask
+        for name, like in (("train_mask", linear.weight), ("frozen_part", linear.weight),
+                           ("train_rows", linear.weight[:, 0]), ("frozen_bias_part", linear.bias)):
+            new.register_buffer(name, torch.zeros_like(like, requires_grad=False) if like is not None else None,
+                                persistent=False)
         new.activity_hook = None  # set by the CLNP callback: called with (layer, output)
+        new.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh())
+        new.refresh()
         return new
 
     @property
@@ -70,13 +78,25 @@ class CLNPLinear(nn.Linear):
         """``[out, in]`` bool: the connection rule, by a broadcast compare (no stored mask)."""
         return self.in_alloc.unsqueeze(0) <= self.alloc.unsqueeze(1)
 
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the cached masks from ``alloc``, ``in_alloc`` and the frozen rows."""
+        allowed, frozen = self.allowed(), self.frozen.unsqueeze(1)
+        self.train_mask.copy_(allowed & ~frozen)
+        self.frozen_part.copy_(torch.where(frozen & allowed, self.frozen_weight, 0.0))
+        self.train_rows.copy_(~self.frozen)
+        if self.bias is not None:
+            self.frozen_bias_part.copy_(torch.where(self.frozen, self.frozen_bias, 0.0))
+
     def effective_weight(self) -> torch.Tensor:
-        return torch.where(self.frozen.unsqueeze(1), self.frozen_weight, self.weight) * self.allowed()
+        """Frozen rows from their copy, trainable rows from ``weight``, disallowed connections exactly 0
+        (``x + 0 == x`` and ``w * 1 == w`` exactly, so values equal a select-and-mask)."""
+        return torch.addcmul(self.frozen_part, self.weight, self.train_mask)
 
     def effective_bias(self) -> torch.Tensor | None:
         if self.bias is None:
             return None
-        return torch.where(self.frozen, self.frozen_bias, self.bias)
+        return torch.addcmul(self.frozen_bias_part, self.bias, self.train_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.effective_weight(), self.effective_bias())
@@ -92,6 +112,7 @@ class CLNPLinear(nn.Linear):
         if self.bias is not None:
             self.frozen_bias[rows] = self.bias[rows].to(self.frozen_bias.dtype)
         self.frozen_rows[rows] = 1
+        self.refresh()
 
     @torch.no_grad()
     def reinit_rows(self, rows: torch.Tensor, generator: torch.Generator) -> None:
