@@ -1,11 +1,12 @@
 // Fused CPU steps for AdamP, SGDP and FAdam (lightning_ext.optimizers, fused=True).
 //
-// Each tensor is updated in two passes over memory instead of the eager path's ~20 kernels:
-//   pass 1 (parallel over rows): update the moments, form the update direction d and accumulate the
-//           per-row statistics the algorithm needs (AdamP/SGDP: |w|^2, |g|^2, <g,w>, <w,d>; FAdam: the
-//           sums of squares of g/D and w/D);
-//   decide  (serial, O(rows)): the projection or the RMS clipping factors, exactly as the eager path;
-//   pass 2 (parallel over rows): recompute d from the stored moments and apply the update.
+// Each tensor is updated in one to three passes over memory instead of the eager path's ~20 kernels,
+// parallel over rows (AdamP/SGDP) or chunks (FAdam):
+//   AdamP/SGDP: the scale-invariance test reads w and g (|w|^2, |g|^2, <g,w> per row); then one pass
+//           updates the moments and applies the (per-row projected) update, or, for the per-tensor
+//           projection, a pass collecting <w,d> and a second one applying it;
+//   FAdam:  the RMS of g; a pass updating the Fisher and collecting the sums of squares of g/D and w/D;
+//           a pass applying the clipped update.
 // The arithmetic follows the eager single-tensor path operation by operation, so float64 results
 // agree with it (and with the references) to rounding; see tests/test_fused_optimizers.py.
 // Written for this project from the papers' algorithms; no code was taken from elsewhere.
@@ -30,68 +31,94 @@ std::pair<int64_t, int64_t> rows_cols(const at::Tensor& t) {
   return {t.size(0), t.numel() / std::max<int64_t>(t.size(0), 1)};
 }
 
-// The scale-invariance projection of AdamP/SGDP from per-row sums (see _projection.py):
-// per-row coefficients c (d <- d - c w) and the "projected" flag.
-bool projection(const std::vector<double>& ww, const std::vector<double>& gg, const std::vector<double>& gw,
-                const std::vector<double>& wd, int64_t cols, double delta, double eps, std::vector<double>& coef) {
+// The scale-invariance test of AdamP/SGDP (see _projection.py). It needs only |w|^2, |g|^2 and <g, w> per
+// row, which do not depend on the moments: the test runs first, on one read of w and g.
+enum class Projection { kNone, kChannel, kLayer };
+
+Projection decide(const std::vector<double>& ww, const std::vector<double>& gg, const std::vector<double>& gw,
+                  int64_t cols, double delta, double eps) {
   const int64_t rows = static_cast<int64_t>(ww.size());
-  double max_cos = 0, ww_all = 0, gg_all = 0, gw_all = 0, wd_all = 0;
+  double max_cos = 0, ww_all = 0, gg_all = 0, gw_all = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const double wn = std::sqrt(ww[i]), gn = std::sqrt(gg[i]);
     max_cos = std::max(max_cos, std::abs(gw[i] / (std::max(wn, eps) * std::max(gn, eps))));
-    ww_all += ww[i]; gg_all += gg[i]; gw_all += gw[i]; wd_all += wd[i];
+    ww_all += ww[i]; gg_all += gg[i]; gw_all += gw[i];
   }
-  const bool channel = max_cos < delta / std::sqrt(static_cast<double>(cols));
+  if (max_cos < delta / std::sqrt(static_cast<double>(cols))) return Projection::kChannel;
   const double wn_all = std::sqrt(ww_all), gn_all = std::sqrt(gg_all);
   const bool layer = std::abs(gw_all / (std::max(wn_all, eps) * std::max(gn_all, eps))) <
                      delta / std::sqrt(static_cast<double>(rows * cols));
-  for (int64_t i = 0; i < rows; ++i) {
-    if (channel) {
-      const double r = std::sqrt(ww[i]) + eps;
-      coef[i] = wd[i] / (r * r);
-    } else if (layer) {
-      coef[i] = wd_all / ((wn_all + eps) * (wn_all + eps));
-    } else {
-      coef[i] = 0;
-    }
-  }
-  return channel || layer;
+  return layer ? Projection::kLayer : Projection::kNone;
 }
-
-// Row sums of AdamP/SGDP's pass 1: |w|^2, |g|^2, <g,w>, <w,d>.
-struct RowSums {
-  double ww = 0, gg = 0, gw = 0, wd = 0;
-};
 
 template <typename T>
-inline void accumulate(const T* __restrict__ p, const T* __restrict__ g, const T* __restrict__ d, int64_t n,
-                       RowSums& out) {
-  T s_ww = 0, s_gg = 0, s_gw = 0, s_wd = 0;
-  for (int64_t k = 0; k < n; ++k) {
-    s_ww += p[k] * p[k]; s_gg += g[k] * g[k]; s_gw += g[k] * p[k]; s_wd += p[k] * d[k];
-  }
-  out = {static_cast<double>(s_ww), static_cast<double>(s_gg), static_cast<double>(s_gw), static_cast<double>(s_wd)};
+inline T dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  T s = 0;
+  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+  return s;
 }
 
-// Runs pass1(row, scratch) and pass2(row, scratch, coef) over the rows in parallel, with the projection
-// decided in between; `scratch` holds one row of the update direction (cache-resident between uses).
-template <typename T, typename Pass1, typename Pass2>
-bool projected_update(int64_t rows, int64_t cols, bool testable, double delta, double eps, const Pass1& pass1,
-                      const Pass2& pass2) {
-  std::vector<double> ww(rows), gg(rows), gw(rows), wd(rows), coef(rows, 0.0);
+// One projected update of a tensor seen as [rows, cols]:
+//   moments(i)            update row i's optimizer state;
+//   direction(i, d)       write row i's update direction into d;
+//   apply(i, d, c, proj)  p_i <- p_i factor + (d - c p_i) step   (c = 0: no projection).
+// The test reads w and g once; without projection or with the per-row (channel) projection the update is
+// then a single pass (each row's coefficient needs only its own <w, d>); the per-tensor (layer) projection
+// needs the sum of <w, d> over all rows first, so it takes a second pass that recomputes d.
+template <typename T, typename Moments, typename Direction, typename Apply>
+void projected_update(const T* p, const T* g, int64_t rows, int64_t cols, bool testable, double delta, double eps,
+                      const Moments& moments, const Direction& direction, const Apply& apply) {
+  Projection mode = Projection::kNone;
+  std::vector<double> ww;
+  if (testable) {
+    std::vector<double> gg(rows), gw(rows);
+    ww.resize(rows);
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const T* pi = p + i * cols;
+        const T* gi = g + i * cols;
+        ww[i] = dot<T>(pi, pi, cols); gg[i] = dot<T>(gi, gi, cols); gw[i] = dot<T>(gi, pi, cols);
+      }
+    });
+    mode = decide(ww, gg, gw, cols, delta, eps);
+  }
+  const bool projected = mode != Projection::kNone;
+  if (mode != Projection::kLayer) {
+    at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+      std::vector<T> d(cols);
+      for (int64_t i = begin; i < end; ++i) {
+        moments(i);
+        direction(i, d.data());
+        T c = 0;
+        if (mode == Projection::kChannel) {
+          const double r = std::sqrt(ww[i]) + eps;
+          c = static_cast<T>(static_cast<double>(dot<T>(p + i * cols, d.data(), cols)) / (r * r));
+        }
+        apply(i, d.data(), c, projected);
+      }
+    });
+    return;
+  }
+  std::vector<double> wd(rows);
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(cols);
+    std::vector<T> d(cols);
     for (int64_t i = begin; i < end; ++i) {
-      RowSums sums = pass1(i, scratch.data());
-      ww[i] = sums.ww; gg[i] = sums.gg; gw[i] = sums.gw; wd[i] = sums.wd;
+      moments(i);
+      direction(i, d.data());
+      wd[i] = dot<T>(p + i * cols, d.data(), cols);
     }
   });
-  const bool projected = testable && projection(ww, gg, gw, wd, cols, delta, eps, coef);
+  double ww_all = 0, wd_all = 0;
+  for (int64_t i = 0; i < rows; ++i) { ww_all += ww[i]; wd_all += wd[i]; }
+  const double r = std::sqrt(ww_all) + eps;
+  const T c = static_cast<T>(wd_all / (r * r));
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(cols);
-    for (int64_t i = begin; i < end; ++i) pass2(i, scratch.data(), static_cast<T>(coef[i]), projected);
+    std::vector<T> d(cols);
+    for (int64_t i = begin; i < end; ++i) {
+      direction(i, d.data());
+      apply(i, d.data(), c, projected);
+    }
   });
-  return projected;
 }
 
 // d = m / (sqrt(v) / bc2s + eps), or Nesterov's (g + m b1/(1-b1)) (1-b1) / (...), as the eager path.
@@ -124,30 +151,21 @@ void adamp_tensor(at::Tensor& p_t, const at::Tensor& g_t, at::Tensor& m_t, at::T
                   double beta2, double eps, double weight_decay, double delta, double wd_ratio, double bc1,
                   double bc2_sqrt) {
   auto [rows, cols] = rows_cols(p_t);
-  const bool testable = p_t.dim() >= 2;
   T* p = p_t.data_ptr<T>();
   const T* g = g_t.data_ptr<T>();
   T* m = m_t.data_ptr<T>();
   T* v = v_t.data_ptr<T>();
   const T w1 = 1 - beta1, b2 = beta2, w2 = 1 - beta2, bc2s = bc2_sqrt, e = eps, nest_alpha = beta1 / (1 - beta1);
   const T step = -lr / bc1;
-  auto direction = [&](int64_t i, T* d) {
-    adam_direction<T, kNesterov>(g + i * cols, m + i * cols, v + i * cols, d, cols, w1, nest_alpha, bc2s, e);
-  };
-  projected_update<T>(rows, cols, testable, delta, eps,
+  const T plain = weight_decay > 0 ? 1 - lr * weight_decay : 1.0;
+  const T reduced = weight_decay > 0 ? 1 - lr * weight_decay * wd_ratio : 1.0;
+  projected_update<T>(p, g, rows, cols, p_t.dim() >= 2, delta, eps,
+      [&](int64_t i) { adam_moments<T>(g + i * cols, m + i * cols, v + i * cols, cols, w1, b2, w2); },
       [&](int64_t i, T* d) {
-        RowSums sums;
-        adam_moments<T>(g + i * cols, m + i * cols, v + i * cols, cols, w1, b2, w2);
-        if (testable) {
-          direction(i, d);
-          accumulate<T>(p + i * cols, g + i * cols, d, cols, sums);
-        }
-        return sums;
+        adam_direction<T, kNesterov>(g + i * cols, m + i * cols, v + i * cols, d, cols, w1, nest_alpha, bc2s, e);
       },
-      [&](int64_t i, T* d, T c, bool projected) {
-        const T factor = weight_decay > 0 ? 1 - lr * weight_decay * (projected ? wd_ratio : 1.0) : 1.0;
-        direction(i, d);
-        apply_update<T>(p + i * cols, d, cols, c, factor, step);
+      [&](int64_t i, const T* d, T c, bool projected) {
+        apply_update<T>(p + i * cols, d, cols, c, projected ? reduced : plain, step);
       });
 }
 
@@ -155,35 +173,27 @@ template <typename T, bool kNesterov>
 void sgdp_tensor(at::Tensor& p_t, const at::Tensor& g_t, at::Tensor& buf_t, double lr, double momentum,
                  double dampening, double weight_decay, double eps, double delta, double wd_ratio) {
   auto [rows, cols] = rows_cols(p_t);
-  const bool testable = p_t.dim() >= 2;
   T* p = p_t.data_ptr<T>();
   const T* g = g_t.data_ptr<T>();
   T* buf = buf_t.data_ptr<T>();
   const T mu = momentum, damp = 1 - dampening, neg_lr = -lr;
-  // d = g + mu buf (Nesterov) or buf itself
-  auto direction = [&](int64_t i, T* __restrict__ d) {
-    const T* __restrict__ gi = g + i * cols;
-    const T* __restrict__ bi = buf + i * cols;
-    for (int64_t k = 0; k < cols; ++k) d[k] = kNesterov ? gi[k] + mu * bi[k] : bi[k];
-  };
-  projected_update<T>(rows, cols, testable, delta, eps,
-      [&](int64_t i, T* d) {
+  const T plain = weight_decay > 0 ? 1 - lr * weight_decay / (1 - momentum) : 1.0;
+  const T reduced = weight_decay > 0 ? 1 - lr * weight_decay * wd_ratio / (1 - momentum) : 1.0;
+  projected_update<T>(p, g, rows, cols, p_t.dim() >= 2, delta, eps,
+      [&](int64_t i) {
         T* __restrict__ bi = buf + i * cols;
         const T* __restrict__ gi = g + i * cols;
         for (int64_t k = 0; k < cols; ++k) bi[k] = bi[k] * mu + gi[k] * damp;
-        RowSums sums;
-        if (testable) {
-          direction(i, d);
-          accumulate<T>(p + i * cols, gi, d, cols, sums);
-        }
-        return sums;
       },
-      [&](int64_t i, T* __restrict__ d, T c, bool projected) {
-        const T factor = weight_decay > 0 ? 1 - lr * weight_decay * (projected ? wd_ratio : 1.0) / (1 - momentum)
-                                          : 1.0;
+      [&](int64_t i, T* __restrict__ d) {  // d = g + mu buf (Nesterov) or buf itself
+        const T* __restrict__ gi = g + i * cols;
+        const T* __restrict__ bi = buf + i * cols;
+        for (int64_t k = 0; k < cols; ++k) d[k] = kNesterov ? gi[k] + mu * bi[k] : bi[k];
+      },
+      [&](int64_t i, const T* __restrict__ d, T c, bool projected) {
         T* __restrict__ pi = p + i * cols;
         T* __restrict__ bi = buf + i * cols;
-        direction(i, d);
+        const T factor = projected ? reduced : plain;
         for (int64_t k = 0; k < cols; ++k) {
           const T dk = d[k] - pi[k] * c;
           if (!kNesterov) bi[k] = dk;  // as the reference: without Nesterov the buffer itself is projected
