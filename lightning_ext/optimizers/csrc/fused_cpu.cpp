@@ -125,8 +125,9 @@ void projected_update(const T* p, const T* g, int64_t rows, int64_t cols, bool t
 template <typename T, bool kNesterov>
 inline void adam_direction(const T* __restrict__ g, const T* __restrict__ m, const T* __restrict__ v,
                            T* __restrict__ d, int64_t n, T w1, T nest_alpha, T bc2s, T eps) {
+  const T inv_bc2s = T(1) / bc2s;  // a multiply instead of the eager path's division (within an ulp)
   for (int64_t k = 0; k < n; ++k) {
-    const T denom = std::sqrt(v[k]) / bc2s + eps;
+    const T denom = std::sqrt(v[k]) * inv_bc2s + eps;
     d[k] = kNesterov ? (g[k] + m[k] * nest_alpha) * w1 / denom : m[k] / denom;
   }
 }
@@ -246,12 +247,12 @@ inline std::array<double, 3> fadam_pass1(const T* __restrict__ w, const T* __res
   for (int64_t k = 0; k < n; ++k) {
     const T fk = f[k] * b2 + g[k] * g[k] * w2;
     f[k] = fk;
-    const T d = fisher_denominator<T, kSqrt>(fk, pw, eps_t, floor_d);
-    const T gb = g[k] / d;
+    const T inv_d = T(1) / fisher_denominator<T, kSqrt>(fk, pw, eps_t, floor_d);
+    const T gb = g[k] * inv_d;
     s_g += gb * gb;
     if (kDecay) {
       const bool dead = kMask && fk == 0;
-      const T wb = dead ? T(0) : w[k] / d;
+      const T wb = dead ? T(0) : w[k] * inv_d;
       s_w += wb * wb;
       s_live += dead ? T(0) : T(1);
     }
@@ -262,13 +263,15 @@ inline std::array<double, 3> fadam_pass1(const T* __restrict__ w, const T* __res
 template <typename T, bool kSqrt, bool kDecay, bool kMask>
 inline void fadam_pass2(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ m, const T* __restrict__ f,
                         int64_t n, T w1, T neg_lr, T neg_lr_wd, T g_div, T w_div, T pw, T eps_t, T floor_d) {
+  // reciprocals instead of the eager path's divisions: within an ulp, and divisions are the bottleneck
+  const T inv_g_div = T(1) / g_div, inv_w_div = T(1) / w_div;
   for (int64_t k = 0; k < n; ++k) {
-    const T d = fisher_denominator<T, kSqrt>(f[k], pw, eps_t, floor_d);
-    const T mk = m[k] + w1 * (g[k] / d / g_div - m[k]);
+    const T inv_d = T(1) / fisher_denominator<T, kSqrt>(f[k], pw, eps_t, floor_d);
+    const T mk = m[k] + w1 * (g[k] * inv_d * inv_g_div - m[k]);
     m[k] = mk;
     T wk = w[k];
     if (kDecay) {
-      const T wb = (kMask && f[k] == 0) ? T(0) : wk / d / w_div;
+      const T wb = (kMask && f[k] == 0) ? T(0) : wk * inv_d * inv_w_div;
       wk = wk + wb * neg_lr_wd;
     }
     w[k] = wk + mk * neg_lr;
