@@ -307,3 +307,19 @@ def test_wraps_a_bitsandbytes_8bit_optimizer():
         closure_for(plain, base, x, y)()
         base.step()
     assert max_diff(ours, plain) > 1e-3
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "sorted", "reversed", "tiny-k", "all-k"])
+def test_kth_smallest_equals_kthvalue(case):
+    from lightning_ext.nn.pruning import kth_smallest
+
+    g = torch.Generator().manual_seed(0)
+    n = 600_000
+    values = {"normal": torch.randn(n, generator=g).abs(),
+              "ties": torch.randint(0, 50, (n,), generator=g).float(),
+              "sorted": torch.arange(n, dtype=torch.float32),
+              "reversed": torch.arange(n, 0, -1, dtype=torch.float32),
+              "tiny-k": torch.rand(n, generator=g), "all-k": torch.rand(n, generator=g)}[case]
+    ks = {"tiny-k": [1, 2, 17], "all-k": [n, n - 1]}.get(case, [n // 10, n // 2, int(n * 0.9), int(n * 0.95)])
+    for k in ks:
+        assert torch.equal(kth_smallest(values, k), torch.kthvalue(values, k).values), k

@@ -4,8 +4,9 @@ Used by CrAM (Peste et al., ICLR 2023) during training and to evaluate its claim
 Conventions, ours where they differ from the CrAM reference code:
 
 * top-k keeps the ``ceil(n * (1 - sparsity))`` largest magnitudes (exactly that many unless
-  magnitudes tie at the threshold, when tied ones are dropped); the threshold comes from
-  ``torch.kthvalue`` (linear time; ~40 % faster than ``torch.topk`` at 2.3 M weights on CPU).
+  magnitudes tie at the threshold, when tied ones are dropped); the threshold is the exact
+  k-th smallest magnitude (:func:`kth_smallest`: a subsample brackets it, ``torch.kthvalue`` runs
+  inside the bracket — 38 ms -> a few ms at 2.3 M weights on 2 CPU threads).
   The reference's percentile keeps one fewer;
 * N:M groups ``M`` consecutive weights along the GEMM input dimension: the last dimension of a
   Linear weight, the input-channel dimension of a conv weight (viewed as ``(out, kh, kw, in)``),
@@ -25,6 +26,32 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+def kth_smallest(values: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.Tensor:
+    """Exactly ``torch.kthvalue(values, k).values`` (``k`` is 1-based) of a flat tensor, faster on large ones.
+
+    A strided subsample gives a bracket ``[lo, hi]`` around the target quantile (± 6 standard errors of
+    a sample quantile); one counting pass ranks ``lo``, and ``kthvalue`` runs on the bracketed values
+    only. If the bracket misses (adversarial orderings), it falls back to ``kthvalue`` on everything.
+    """
+    n = values.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if n <= 8 * sample:
+        return torch.kthvalue(values, k).values
+    sub = values[:: n // sample]
+    m = sub.numel()
+    q = k / n
+    margin = 6 * math.sqrt(q * (1 - q) / m) + 2 / m
+    lo_rank, hi_rank = max(1, math.floor((q - margin) * m)), min(m, math.ceil((q + margin) * m))
+    lo, hi = torch.kthvalue(sub, lo_rank).values, torch.kthvalue(sub, hi_rank).values
+    below = int((values < lo).sum())
+    inside = values[(values >= lo) & (values <= hi)]
+    rank = k - below
+    if 1 <= rank <= inside.numel():
+        return torch.kthvalue(inside, rank).values
+    return torch.kthvalue(values, k).values
+
+
 def topk_masks(tensors: Sequence[torch.Tensor], sparsity: float, scope: str = "global") -> list[torch.Tensor]:
     """Boolean masks keeping the largest magnitudes: ``ceil(n (1 - sparsity))`` over all tensors
     together (``scope="global"``) or per tensor (``"layer"``)."""
@@ -38,7 +65,7 @@ def topk_masks(tensors: Sequence[torch.Tensor], sparsity: float, scope: str = "g
     drop = flat.numel() - math.ceil(flat.numel() * (1.0 - sparsity))
     if drop == 0:
         return [torch.ones_like(t, dtype=torch.bool) for t in tensors]
-    threshold = torch.kthvalue(flat, drop).values  # the largest magnitude that is dropped
+    threshold = kth_smallest(flat, drop)  # the largest magnitude that is dropped
     return [t.detach().abs() > threshold for t in tensors]
 
 
