@@ -9,12 +9,12 @@ a failure is written to TASK_DIR/error<rank>.txt.
 from __future__ import annotations
 
 import logging
-import os
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from script_exit import exit_now, write_error  # noqa: E402  (the scripts folder is on sys.path)
 
 
 def main() -> int:
@@ -35,18 +35,9 @@ def main() -> int:
                              num_sanity_val_steps=0, limit_val_batches=0, callbacks=[clnp])
         trainer.fit(DecayedMLP(hidden=[32, 32], num_tasks=2), datamodule=SplitDigitsDataModule(task=1, batch_size=8))
     except Exception as err:  # noqa: BLE001 - the test reads it
-        (task_dir / f"error{os.environ.get('LOCAL_RANK', '0')}.txt").write_text(
-            f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
-        return 3
+        return write_error(task_dir, err)
     return 0
 
 
 if __name__ == "__main__":
-    rc = main()
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    exit_now(main())

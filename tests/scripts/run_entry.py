@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from script_exit import exit_now, write_error  # noqa: E402  (the scripts folder is on sys.path)
 
 
 def main() -> int:
@@ -37,19 +37,9 @@ def main() -> int:
         fit(entry, args.out, entry.steps, callbacks=[DumpRankState(args.out)], strategy=args.strategy,
             devices=args.devices, val_check_interval=None, limit_val_batches=0)
     except Exception as err:  # noqa: BLE001 - the test reads the refusal message
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"error{os.environ.get('LOCAL_RANK', '0')}.txt").write_text(
-            f"{type(err).__name__}: {err}\n\n{traceback.format_exc()}")
-        return 3
+        return write_error(args.out, err)
     return 0
 
 
 if __name__ == "__main__":
-    rc = main()
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+    exit_now(main())
