@@ -44,7 +44,8 @@ def extension() -> ModuleType:
                     verbose=os.environ.get("LIGHTNING_EXT_VERBOSE_BUILD") == "1")
     except (RuntimeError, OSError) as err:  # no compiler, no ninja
         raise RuntimeError(f"fused=True needs the lightning_ext C++ kernels, which failed to build ({err}). "
-                           "Install a C++ compiler and ninja (pip install \"lightning-ext[fused]\"), or use fused=False.") from err
+                           'Install a C++ compiler and ninja (pip install "lightning-ext[fused]"), or use '
+                           "fused=False.") from err
 
 
 def check_fused_params(name: str, param_groups: list[dict]) -> None:
