@@ -141,7 +141,8 @@ def main() -> None:
         mean = statistics.fmean(r["bpc"] for r in runs)
         per_seed = " / ".join(f"{r['bpc']:.3f}" for r in runs)
         mass = statistics.fmean(r["mass_redundant"] for r in runs)
-        print(f"| {s} | {'—' if s == 'uniform' else 0.4} | {per_seed} | {mean:.3f} | {100 * (mean / uniform - 1):+.1f} % "
+        r_label = "—" if s == "uniform" else 0.4
+        print(f"| {s} | {r_label} | {per_seed} | {mean:.3f} | {100 * (mean / uniform - 1):+.1f} % "
               f"| {mass:.2f} |")
 
 

@@ -87,7 +87,8 @@ REGISTRY: list[Entry] = [
     Entry(name="reweighting", data=_digits, config="configs/reweighting.yaml",
           model=lambda: MLPClassifier(hidden=[32], lr=1e-2),
           callbacks=lambda: [LossReweighting(strategy="linupper", r=0.4, warmup_steps=20)]),
-    # task 0 of split digits (27 batches per epoch, 13 per rank on 2): trains with the activity penalty, prunes and freezes
+    # task 0 of split digits (27 batches per epoch, 13 per rank on 2): trains with the activity penalty,
+    # prunes and freezes
     # at the end of the fit (compared across ranks and after resume through the callback's state)
     Entry(name="clnp", config="configs/clnp.yaml",
           data=lambda: SplitDigitsDataModule(task=0, batch_size=8, seed=0),

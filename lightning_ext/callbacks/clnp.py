@@ -8,7 +8,8 @@ Per task ``t`` (from the ``task`` argument, else ``trainer.datamodule.task``):
   ``ModuleList`` become :class:`~lightning_ext.nn.clnp.CLNPLinear` (idempotent; original parameters
   kept). Free neurons are given to task ``t`` and re-initialised (seeded by ``seed`` and ``t``:
   identical on every rank). With ``checkpoint_dir``, the previous task's file is loaded first.
-* training: only head ``t`` has ``requires_grad``; ``training_step`` is wrapped to add ``l1 * penalty`` to the loss — the mean over the batch
+* training: only head ``t`` has ``requires_grad``; ``training_step`` is wrapped to add ``l1 * penalty``
+  to the loss — the mean over the batch
   of the summed ReLU activity of task ``t``'s (trainable) neurons (``l1_on="activations"``), or the L1
   norm of their weights (``"weights"``), or both.
 * ``on_fit_end``: on the validation set (``datamodule.val_dataloader()``, the whole set on every rank,
@@ -106,7 +107,8 @@ class CLNP(Technique):
             names = [n for n, m in model.named_modules()
                      if isinstance(m, nn.Linear) and not (n == self.heads_name or n.startswith(self.heads_name + "."))]
         if not names:
-            raise SurgeryError(f"CLNP: no hidden nn.Linear layers found. Modules that exist:\n{describe_modules(model)}")
+            raise SurgeryError("CLNP: no hidden nn.Linear layers found. Modules that exist:\n"
+                               f"{describe_modules(model)}")
         check_no_normalization(model, names)
         layers = [model.get_submodule(n) if self._has(model, n) else None for n in names]
         missing = [n for n, m in zip(names, layers) if not isinstance(m, nn.Linear)]
