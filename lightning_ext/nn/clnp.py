@@ -41,7 +41,7 @@ class CLNPLinear(nn.Linear):
     Build with :meth:`from_linear` (the original ``Parameter`` objects are kept). Buffers, all in the
     ``state_dict`` (so in every checkpoint): ``alloc`` (int32 ``[out]``), ``in_alloc`` (int32 ``[in]``),
     ``frozen_rows`` (uint8 ``[out]``; :attr:`frozen` is its bool view), ``frozen_weight`` / ``frozen_bias``
-    (the frozen rows' values).
+    (the frozen rows' values, already multiplied by the connection mask when frozen; zero on other rows).
     """
 
     @classmethod
@@ -59,11 +59,9 @@ class CLNPLinear(nn.Linear):
         new.register_buffer("frozen_bias", torch.zeros_like(linear.bias, requires_grad=False)
                             if linear.bias is not None else None)
         # derived from the buffers above, recomputed by refresh() whenever they change (not saved):
-        # the forward is then one addcmul, W_eff = frozen_part + W * train_mask
-        for name, like in (("train_mask", linear.weight), ("frozen_part", linear.weight),
-                           ("train_rows", linear.weight[:, 0]), ("frozen_bias_part", linear.bias)):
-            new.register_buffer(name, torch.zeros_like(like, requires_grad=False) if like is not None else None,
-                                persistent=False)
+        # the forward is then one addcmul, W_eff = frozen_weight + W * train_mask
+        for name, like in (("train_mask", linear.weight), ("train_rows", linear.weight[:, 0])):
+            new.register_buffer(name, torch.zeros_like(like, requires_grad=False), persistent=False)
         new.activity_hook = None  # set by the CLNP callback: called with (layer, output)
         new.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh())
         new.refresh()
@@ -83,20 +81,19 @@ class CLNPLinear(nn.Linear):
         """Recompute the cached masks from ``alloc``, ``in_alloc`` and the frozen rows."""
         allowed, frozen = self.allowed(), self.frozen.unsqueeze(1)
         self.train_mask.copy_(allowed & ~frozen)
-        self.frozen_part.copy_(torch.where(frozen & allowed, self.frozen_weight, 0.0))
         self.train_rows.copy_(~self.frozen)
-        if self.bias is not None:
-            self.frozen_bias_part.copy_(torch.where(self.frozen, self.frozen_bias, 0.0))
 
     def effective_weight(self) -> torch.Tensor:
         """Frozen rows from their copy, trainable rows from ``weight``, disallowed connections exactly 0
-        (``x + 0 == x`` and ``w * 1 == w`` exactly, so values equal a select-and-mask)."""
-        return torch.addcmul(self.frozen_part, self.weight, self.train_mask)
+        (``x + 0 == x`` and ``w * 1 == w`` exactly, so values equal a select-and-mask). ``frozen_weight`` is
+        zero outside frozen rows and was masked when frozen; a frozen row's mask never changes afterwards
+        (the neurons it may read keep their allocation for good)."""
+        return torch.addcmul(self.frozen_weight, self.weight, self.train_mask)
 
     def effective_bias(self) -> torch.Tensor | None:
         if self.bias is None:
             return None
-        return torch.addcmul(self.frozen_bias_part, self.bias, self.train_rows)
+        return torch.addcmul(self.frozen_bias, self.bias, self.train_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.effective_weight(), self.effective_bias())
