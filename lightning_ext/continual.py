@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 
 from lightning_ext.callbacks.clnp import CLNP
 
@@ -40,10 +39,7 @@ def fit_task_sequence(model: pl.LightningModule, datamodules: Sequence[pl.Lightn
         if clnp.state["finished"] > task:
             continue
         if clnp.checkpoint_dir is not None and clnp.task_file(task).is_file():
-            clnp.prepare(model)
-            saved = torch.load(clnp.task_file(task), map_location="cpu", weights_only=True)
-            model.load_state_dict(saved["state_dict"])
-            clnp.load_state_dict(saved["clnp"])
+            clnp.load_task(model, task)
             continue
         trainer = make_trainer(task)
         if not any(cb is clnp for cb in trainer.callbacks):

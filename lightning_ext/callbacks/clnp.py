@@ -33,6 +33,7 @@ monotonically as more neurons are pruned), no fine-tuning after pruning.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from torch import nn
 
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
+from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
 from lightning_ext.nn.clnp import FREE, CLNPLinear, check_no_normalization, threshold_search
 from lightning_ext.surgery import SurgeryError, describe_modules, gathered_parameters, replace_modules
 
@@ -165,9 +167,7 @@ class CLNP(Technique):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._wrapped is not None and stage == "fit":
-            module, installed = self._wrapped
-            if module.__dict__.get("training_step") is installed:
-                del module.training_step
+            unwrap_training_step(*self._wrapped)
             self._wrapped = None
             for layer in self.layers:
                 layer.activity_hook = None
@@ -208,21 +208,20 @@ class CLNP(Technique):
     def _install(self, pl_module: pl.LightningModule) -> None:
         if self._wrapped is not None:
             return
-        original = pl_module.training_step
+        def wrap(original: Callable) -> Callable:
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                self._penalty.clear()
+                output = original(*args, **kwargs)
+                penalty = self.penalty()
+                self._penalty.clear()
+                if penalty is None:
+                    return output
+                if isinstance(output, torch.Tensor):
+                    return output + self.l1 * penalty
+                return {**output, "loss": output["loss"] + self.l1 * penalty}
+            return training_step
 
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            self._penalty.clear()
-            output = original(*args, **kwargs)
-            penalty = self.penalty()
-            self._penalty.clear()
-            if penalty is None:
-                return output
-            if isinstance(output, torch.Tensor):
-                return output + self.l1 * penalty
-            return {**output, "loss": output["loss"] + self.l1 * penalty}
-
-        pl_module.training_step = training_step
-        self._wrapped = (pl_module, training_step)
+        self._wrapped = (pl_module, wrap_training_step(pl_module, wrap))
         # only this task's head trains (the others would be unused parameters under DDP)
         for index, head in enumerate(self.heads):
             for p in head.parameters():
@@ -353,16 +352,21 @@ class CLNP(Technique):
         if not path.is_file():
             raise FileNotFoundError(f"CLNP: task {task} needs the result of task {task - 1}, {path}, which does not "
                                     f"exist; run the tasks in order with the same checkpoint_dir")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        pl_module.load_state_dict(saved["state_dict"])
+        self.load_task(pl_module, task - 1)
+
+    def load_task(self, model: nn.Module, task: int) -> None:
+        """Load the saved result of ``task`` (``checkpoint_dir/task<t>.pt``) into ``model`` and this callback."""
+        self.prepare(model)
+        saved = torch.load(self.task_file(task), map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
         self.load_state_dict(saved["clnp"])
 
     def _save_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> None:
-        with gathered_parameters(pl_module):
-            state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        if trainer.is_global_zero:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"state_dict": state, "clnp": self.state_dict()}, self.task_file(task))
+        with gathered_parameters(pl_module):  # a collective under ZeRO-3: every rank enters
+            if trainer.is_global_zero:
+                state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+                self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                torch.save({"state_dict": state, "clnp": self.state_dict()}, self.task_file(task))
         trainer.strategy.barrier("clnp_save_task")
 
     def state_dict(self) -> dict[str, Any]:

@@ -3,8 +3,7 @@ losses, weights from the losses of the whole global micro-batch (Sow et al., ICL
 and the strategy names are in :mod:`lightning_ext.nn.reweighting`).
 
 Lightning's ``on_before_backward`` cannot replace the loss, so the callback wraps the module's
-``training_step`` (an instance attribute set in ``setup``, removed in ``teardown``; it composes with
-other wrappers installed the same way). The module must follow the per-sample loss contract
+``training_step`` (:mod:`lightning_ext.callbacks.step_wrapper`: set in ``setup``, removed in ``teardown``). The module must follow the per-sample loss contract
 (:mod:`lightning_ext.losses`): ``training_step`` returns ``{"loss": ..., "per_sample_loss": [B]}``.
 
 Per micro-batch: the detached per-sample losses are all-gathered over the data-parallel ranks
@@ -33,6 +32,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_ext.callbacks.base import Technique
+from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
 from lightning_ext.losses import require_keys
 from lightning_ext.nn.reweighting import resolve_strategy, sample_weights, weight_diagnostics
 
@@ -80,19 +80,16 @@ class LossReweighting(Technique):
                                "the loss that training_step returns, which Lightning back-propagates only under "
                                "automatic optimization. Weight the per-sample losses yourself with "
                                "lightning_ext.nn.reweighting.sample_weights.")
-        original = pl_module.training_step
+        def wrap(original: Callable) -> Callable:
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                return self._reweight(trainer, pl_module, original(*args, **kwargs))
+            return training_step
 
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            return self._reweight(trainer, pl_module, original(*args, **kwargs))
-
-        pl_module.training_step = training_step
-        self._wrapped = (pl_module, training_step)
+        self._wrapped = (pl_module, wrap_training_step(pl_module, wrap))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._wrapped is not None and stage == "fit":
-            module, installed = self._wrapped
-            if module.__dict__.get("training_step") is installed:
-                del module.training_step  # back to the class's method
+            unwrap_training_step(*self._wrapped)
             self._wrapped = None
 
     # -- the technique --------------------------------------------------------------------------
