@@ -102,3 +102,28 @@ class StdlibCharDataModule(ResumableDataModule):
                 n_train += len(text)
         self.train_set = CharWindows(encode("".join(train))[: self.train_chars], self.seq_len)
         self.val_set = CharWindows(encode("".join(val))[: self.val_chars], self.seq_len)
+
+
+def stdlib_context_windows(context: int = 16, train_chars: int = 1_500_000, val_chars: int = 200_000,
+                           val_every: int = 10) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``((x_train, y_train), (x_val, y_val))``: every position's previous ``context`` ids and its next id, from
+    the standard library's source (validation = every ``val_every``-th file), for plain-torch demos."""
+    train, val, n_train, n_val = [], [], 0, 0
+    for i, path in enumerate(stdlib_source_files()):
+        if n_train >= train_chars and n_val >= val_chars:
+            break
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if i % val_every == val_every - 1:
+            if n_val < val_chars:
+                val.append(text)
+                n_val += len(text)
+        elif n_train < train_chars:
+            train.append(text)
+            n_train += len(text)
+
+    def windows(text: str, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = encode(text)[:limit]
+        x = ids.unfold(0, context, 1)[:-1]
+        return x, ids[context:]
+
+    return windows("".join(train), train_chars), windows("".join(val), val_chars)
