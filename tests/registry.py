@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from lightning_ext.callbacks import CLNP, LAWN, CrAM, LossReweighting
+from lightning_ext.callbacks import CLNP, LAWN, CrAM, LossReweighting, QuEST
 from lightning_ext.data import DigitsDataModule, SplitDigitsDataModule
 from lightning_ext.models import ContinualMLP, MLPClassifier
 
@@ -94,6 +94,10 @@ REGISTRY: list[Entry] = [
           data=lambda: SplitDigitsDataModule(task=0, batch_size=8, seed=0),
           model=lambda: ContinualMLP(hidden=[32, 32], num_tasks=2),
           callbacks=lambda: [CLNP(l1=1e-3, margin=0.015)]),
+    # quantization starts at step 20: the resume test stops (13) before it and resumes across the switch
+    Entry(name="quest", data=_digits, config="configs/quest.yaml",
+          model=lambda: MLPClassifier(hidden=[128, 128], lr=1e-2),
+          callbacks=lambda: [QuEST(bits=4, targets=["net.2"], start_step=20, log_every=5)]),
 ]
 
 BY_NAME = {e.name: e for e in REGISTRY}
