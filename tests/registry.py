@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from lightning_ext.callbacks import CLNP, LAWN, CrAM, LossReweighting, QuEST
+from lightning_ext.callbacks import CLNP, LAWN, CrAM, LossReweighting, QuEST, WeightCompander
 from lightning_ext.data import DigitsDataModule, SplitDigitsDataModule
 from lightning_ext.models import ContinualMLP, MLPClassifier
 
@@ -98,6 +98,10 @@ REGISTRY: list[Entry] = [
     Entry(name="quest", data=_digits, config="configs/quest.yaml",
           model=lambda: MLPClassifier(hidden=[128, 128], lr=1e-2),
           callbacks=lambda: [QuEST(bits=4, targets=["net.2"], start_step=20, log_every=5)]),
+    Entry(name="compander", data=_digits, config="configs/compander.yaml",
+          model=lambda: MLPClassifier(hidden=[32], lr=1e-2, weight_decay=0.01),
+          callbacks=lambda: [WeightCompander(hyper_lr=1e-2, log_every=5)],
+          deepspeed={1: "train", 2: "train", 3: "WeightCompander with DeepSpeed ZeRO stage 3 is not supported"}),
 ]
 
 BY_NAME = {e.name: e for e in REGISTRY}

@@ -41,7 +41,8 @@ def test_deepspeed_cpu(entry, stage, tmp_path):
         assert all(torch.isfinite(p).all() for p in r0["params"].values())
         pl.seed_everything(0, verbose=False)  # the initial weights the run started from
         initial = dict(entry.model().named_parameters())
-        assert any(not torch.equal(r0["params"][n], initial[n].detach()) for n in initial), "nothing trained"
+        common = [n for n in initial if n in r0["params"]]  # a reparameterization may rename some
+        assert common and any(not torch.equal(r0["params"][n], initial[n].detach()) for n in common), "nothing trained"
     else:
         assert errors, f"expected a refusal matching {expected!r}; run ended with rc={proc.returncode}"
         message = errors[0].read_text().splitlines()[0]

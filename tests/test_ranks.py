@@ -20,5 +20,7 @@ def test_ranks_agree(entry, tmp_path):
     r0, r1 = rank_states(tmp_path / "ranks", 2)
     assert r0["world_size"] == 2 and r0["global_step"] == entry.steps
     assert differences(r0, r1) == []
-    # and training happened: weights moved away from their (seeded) initial values
-    assert any(not torch.equal(r0["params"][n], reference[n]) for n in reference)
+    # and training happened: weights moved away from their (seeded) initial values (names a
+    # reparameterization renames, e.g. the compander's, are not compared)
+    common = [n for n in reference if n in r0["params"]]
+    assert common and any(not torch.equal(r0["params"][n], reference[n]) for n in common)

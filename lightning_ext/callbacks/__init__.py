@@ -2,9 +2,10 @@
 
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.clnp import CLNP
+from lightning_ext.callbacks.compander import WeightCompander
 from lightning_ext.callbacks.cram import CrAM
 from lightning_ext.callbacks.lawn import LAWN
 from lightning_ext.callbacks.quest import QuEST
 from lightning_ext.callbacks.reweighting import LossReweighting
 
-__all__ = ["CLNP", "LAWN", "CrAM", "LossReweighting", "QuEST", "Technique"]
+__all__ = ["CLNP", "LAWN", "CrAM", "LossReweighting", "QuEST", "Technique", "WeightCompander"]
