@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from lightning_ext.callbacks import CLNP, LAWN, CrAM, LossReweighting, QuEST, WeightCompander
+from lightning_ext.callbacks import CLNP, LAWN, CrAM, LossReweighting, OneBit, QuEST, WeightCompander
 from lightning_ext.data import DigitsDataModule, SplitDigitsDataModule
 from lightning_ext.models import ContinualMLP, MLPClassifier
 
@@ -102,6 +102,10 @@ REGISTRY: list[Entry] = [
           model=lambda: MLPClassifier(hidden=[32], lr=1e-2, weight_decay=0.01),
           callbacks=lambda: [WeightCompander(hyper_lr=1e-2, log_every=5)],
           deepspeed={1: "train", 2: "train", 3: "WeightCompander with DeepSpeed ZeRO stage 3 is not supported"}),
+    # the hidden layer becomes 1-bit (SVID at the start, not on resume) and distils from the FP model
+    Entry(name="onebit", data=_digits, config="configs/onebit.yaml",
+          model=lambda: MLPClassifier(hidden=[32, 32], lr=1e-2),
+          callbacks=lambda: [OneBit(targets=["net.2"], hidden_modules=["net.3"])]),
 ]
 
 BY_NAME = {e.name: e for e in REGISTRY}

@@ -5,7 +5,8 @@ from lightning_ext.callbacks.clnp import CLNP
 from lightning_ext.callbacks.compander import WeightCompander
 from lightning_ext.callbacks.cram import CrAM
 from lightning_ext.callbacks.lawn import LAWN
+from lightning_ext.callbacks.onebit import OneBit
 from lightning_ext.callbacks.quest import QuEST
 from lightning_ext.callbacks.reweighting import LossReweighting
 
-__all__ = ["CLNP", "LAWN", "CrAM", "LossReweighting", "QuEST", "Technique", "WeightCompander"]
+__all__ = ["CLNP", "LAWN", "CrAM", "LossReweighting", "OneBit", "QuEST", "Technique", "WeightCompander"]
