@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lightning_ext.data.stdlib_chars import stdlib_context_windows
 from lightning_ext.models import CharContextMLP
 from lightning_ext.nn.onebit import OneBitLinear, distillation_loss
+from verify_quest import train_sampled  # the same sampled-batch AdamW loop
 
 HIDDEN = [f"blocks.{i}.fc" for i in range(4)]
 
@@ -41,16 +42,7 @@ def train_teacher(data, seed: int, steps: int, batch: int = 128, lr: float = 2e-
     (xt, yt), _ = data
     torch.manual_seed(seed)
     model = CharContextMLP(width=256, depth=4, residual=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, xt.shape[0], (batch,), generator=g)
-        loss = F.cross_entropy(model(xt[idx]), yt[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    train_sampled(model, xt, yt, steps, seed, batch, lr)
     return model.eval()
 
 

@@ -35,12 +35,8 @@ SETTINGS = {
 }
 
 
-def train_bpc(setting: dict | None, seed: int, steps: int, data, batch: int = 128, lr: float = 2e-3) -> float:
-    (xt, yt), (xv, yv) = data
-    torch.manual_seed(seed)
-    model = CharContextMLP()
-    if setting is not None:
-        apply_quest(model, targets=QUANTIZED, **setting)
+def train_sampled(model, xt, yt, steps: int, seed: int, batch: int = 128, lr: float = 2e-3) -> None:
+    """AdamW (weight decay 0.01) with a one-cycle schedule on random batches (seeded by ``1000 + seed``)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     g = torch.Generator().manual_seed(1000 + seed)
@@ -51,6 +47,15 @@ def train_bpc(setting: dict | None, seed: int, steps: int, data, batch: int = 12
         loss.backward()
         opt.step()
         sched.step()
+
+
+def train_bpc(setting: dict | None, seed: int, steps: int, data, batch: int = 128, lr: float = 2e-3) -> float:
+    (xt, yt), (xv, yv) = data
+    torch.manual_seed(seed)
+    model = CharContextMLP()
+    if setting is not None:
+        apply_quest(model, targets=QUANTIZED, **setting)
+    train_sampled(model, xt, yt, steps, seed, batch, lr)
     model.eval()
     with torch.no_grad():
         total = sum(F.cross_entropy(model(xv[i:i + 4096]), yv[i:i + 4096], reduction="sum").item()
