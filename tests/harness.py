@@ -135,3 +135,10 @@ def rank_states(out: Path, world_size: int) -> list[dict[str, Any]]:
     files = sorted(Path(out).glob("rank*.pt"))
     assert len(files) == world_size, f"expected {world_size} rank files in {out}, found {[f.name for f in files]}"
     return [torch.load(f, weights_only=False) for f in files]
+
+
+def initial_parameters(entry: Entry, root: Path) -> dict[str, torch.Tensor]:
+    """The parameters a run of ``entry`` starts training from, named as during training: after the
+    technique's setup (an adapter renames and adds parameters), before any step (``max_steps=0``)."""
+    trainer = fit(entry, root, 0)
+    return {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters()}

@@ -17,9 +17,9 @@ import importlib
 
 import torch
 
-from lightning_ext.callbacks import CLNP, LAWN, CrAM, LossReweighting, OneBit, QuEST, WeightCompander
-from lightning_ext.data import DigitsDataModule, SplitDigitsDataModule
-from lightning_ext.models import ContinualMLP, MLPClassifier
+from lightning_ext.callbacks import CLNP, EVA, LAWN, Bone, CrAM, LoRA, LossReweighting, OneBit, QuEST, WeightCompander
+from lightning_ext.data import DigitsDataModule, SplitDigitsDataModule, TweetSentimentDataModule
+from lightning_ext.models import ContinualMLP, MLPClassifier, TextClassifier
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,14 @@ REFUSE_ZERO = {1: FLAT_PARTITIONS, 2: FLAT_PARTITIONS, 3: FLAT_PARTITIONS}
 def _digits() -> DigitsDataModule:
     # 1,617 training samples / 64 = 25 batches per epoch: 30 steps cross an epoch boundary
     return DigitsDataModule(batch_size=64, seed=0)
+
+
+def _text_model() -> TextClassifier:
+    return TextClassifier(dropout=0.0)  # dropout's RNG stream is not part of a checkpoint
+
+
+def _tweets() -> TweetSentimentDataModule:
+    return TweetSentimentDataModule(batch_size=16, seed=0)
 
 
 REGISTRY: list[Entry] = [
@@ -106,6 +114,17 @@ REGISTRY: list[Entry] = [
     Entry(name="onebit", data=_digits, config="configs/onebit.yaml",
           model=lambda: MLPClassifier(hidden=[32, 32], lr=1e-2),
           callbacks=lambda: [OneBit(targets=["net.2"], hidden_modules=["net.3"])]),
+    # adapters on a small random BERT over byte-tokenised tweets (the YAMLs use the pretrained MiniLM);
+    # 480 training tweets / 16 = 30 batches per epoch
+    Entry(name="lora", data=_tweets, config="configs/lora.yaml", model=_text_model,
+          callbacks=lambda: [LoRA(r=4, modules_to_save=["classifier"])]),
+    # EVA's calibrated ranks come back from the checkpoint on resume (no recalibration)
+    Entry(name="eva", data=_tweets, config="configs/eva.yaml", model=_text_model,
+          callbacks=lambda: [EVA(r=4, modules_to_save=["classifier"],
+                                 target_modules=["query", "value", "attention.output.dense"])]),
+    Entry(name="bone", data=_tweets, config="configs/bone.yaml", model=_text_model,
+          callbacks=lambda: [Bone(r=16, mode="bat", modules_to_save=["classifier"])],
+          deepspeed={1: "train", 2: "train", 3: r"Bone mode='bat' with DeepSpeed ZeRO stage 3 is not supported"}),
 ]
 
 BY_NAME = {e.name: e for e in REGISTRY}

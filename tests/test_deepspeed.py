@@ -8,11 +8,10 @@ import re
 import subprocess
 import sys
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
-from harness import differences, rank_states
+from harness import differences, initial_parameters, rank_states
 from registry import REGISTRY
 
 pytest.importorskip("deepspeed")
@@ -39,9 +38,8 @@ def test_deepspeed_cpu(entry, stage, tmp_path):
         assert r0["world_size"] == 2 and r0["global_step"] == entry.steps
         assert differences(r0, r1) == []
         assert all(torch.isfinite(p).all() for p in r0["params"].values())
-        pl.seed_everything(0, verbose=False)  # the initial weights the run started from
-        initial = dict(entry.model().named_parameters())
-        common = [n for n in initial if n in r0["params"]]  # a reparameterization may rename some
+        initial = initial_parameters(entry, tmp_path / "initial")  # after setup, before any step
+        common = [n for n in initial if n in r0["params"]]
         assert common and any(not torch.equal(r0["params"][n], initial[n].detach()) for n in common), "nothing trained"
     else:
         assert errors, f"expected a refusal matching {expected!r}; run ended with rc={proc.returncode}"

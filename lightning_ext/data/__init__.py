@@ -5,6 +5,8 @@ from lightning_ext.data.resumable import ResumableDataModule
 from lightning_ext.data.sampler import ResumableSampler
 from lightning_ext.data.split_digits import SplitDigitsDataModule
 from lightning_ext.data.stdlib_chars import StdlibCharDataModule
+from lightning_ext.data.tweets import TweetSentimentDataModule
 
 __all__ = ["DigitsDataModule", "ResumableDataModule", "ResumableSampler", "SplitDigitsDataModule",
-           "StdlibCharDataModule"]
+           "StdlibCharDataModule",
+           "TweetSentimentDataModule"]

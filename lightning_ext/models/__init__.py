@@ -4,5 +4,6 @@ from lightning_ext.models.char_llama import CharLlama
 from lightning_ext.models.char_mlp import CharContextMLP
 from lightning_ext.models.continual_mlp import ContinualMLP
 from lightning_ext.models.mlp import MLPClassifier
+from lightning_ext.models.text_classifier import TextClassifier
 
-__all__ = ["CharContextMLP", "CharLlama", "ContinualMLP", "MLPClassifier"]
+__all__ = ["CharContextMLP", "CharLlama", "ContinualMLP", "MLPClassifier", "TextClassifier"]

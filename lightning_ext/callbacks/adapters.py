@@ -1,0 +1,288 @@
+"""Low-rank adapter callbacks built on peft: ``LoRA``, ``EVA``, ``Bone`` (GoRA and LoTR follow the same base).
+
+Each callback, in ``setup`` (before the optimizer exists and before any distributed engine wraps the model),
+replaces one attribute of the LightningModule — ``attr``, by default its single ``transformers.PreTrainedModel``
+child — by ``peft.get_peft_model(model, config)``. The user's ``configure_optimizers`` then sees only the
+adapter (and ``modules_to_save``) parameters as trainable. Target patterns follow peft's ``target_modules``
+rules; a pattern that matches nothing is refused with the list of modules that exist.
+
+Data-dependent structure (EVA's per-layer ranks) is kept in the callback state, so it is in every checkpoint;
+when a fit resumes, ``setup`` reads it from the checkpoint file and rebuilds the same structure without
+calibrating (the restore then loads the weights). :meth:`save_adapter` writes peft's format
+(``save_pretrained``), :meth:`merge` folds the adapter into the base weights (``merge_and_unload``).
+
+Written here: only the Lightning glue (attribute discovery, calibration data, resume). LoRA, EVA and MiSS are
+peft's (``LoraConfig``, ``init_lora_weights="eva"`` + ``initialize_lora_eva_weights``, ``MissConfig``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_ext._lightning_compat import pending_ckpt_path
+from lightning_ext.callbacks.base import Technique
+from lightning_ext.callbacks.optimizer_injection import deepspeed_stage
+from lightning_ext.surgery import SurgeryError, select_modules
+
+__all__ = ["Bone", "EVA", "LoRA", "adapter_attribute", "calibration_batches"]
+
+
+def adapter_attribute(pl_module: pl.LightningModule, attr: str | None) -> str:
+    """The attribute holding the model to adapt: ``attr``, else the single ``PreTrainedModel``/``PeftModel`` child."""
+    if attr is not None:
+        if not isinstance(getattr(pl_module, attr, None), nn.Module):
+            raise ValueError(f"{type(pl_module).__name__} has no module attribute {attr!r}; children: "
+                             f"{[n for n, _ in pl_module.named_children()]}")
+        return attr
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    found = [n for n, m in pl_module.named_children() if isinstance(m, (PreTrainedModel, PeftModel))]
+    if len(found) != 1:
+        raise ValueError(f"cannot choose the model to adapt: {type(pl_module).__name__} has {len(found)} "
+                         f"PreTrainedModel children ({found}); pass attr=... (children: "
+                         f"{[n for n, _ in pl_module.named_children()]})")
+    return found[0]
+
+
+def calibration_batches(trainer: pl.Trainer, dataloader: Iterable | None, limit: int | None,
+                        who: str) -> list[Any]:
+    """Calibration batches: the explicit ``dataloader``, else the datamodule's ``calibration_dataloader()`` if it
+    has one, else its ``train_dataloader()``; the first ``limit`` batches, as a list (``len()`` works)."""
+    if dataloader is None:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "calibration_dataloader"):
+            dataloader = dm.calibration_dataloader()
+        elif dm is not None:
+            dataloader = dm.train_dataloader()  # before the fit loop: the datamodule sets itself up if needed
+        else:
+            raise ValueError(f"{who} needs calibration data: pass calibration_dataloader=... or fit with a "
+                             "datamodule (its calibration_dataloader() or train_dataloader() is used)")
+    batches = []
+    for batch in dataloader:
+        if limit is not None and len(batches) >= limit:
+            break
+        batches.append(batch)
+    if not batches:
+        raise ValueError(f"{who}: the calibration dataloader is empty")
+    return batches
+
+
+def _read_checkpoint_state(path: str, key: str) -> dict[str, Any] | None:
+    """A callback's state from a checkpoint file (or a DeepSpeed checkpoint directory)."""
+    path = str(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint", "mp_rank_00_model_states.pt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt.get("callbacks", {}).get(key)
+
+
+class _PeftAdapter(Technique):
+    """Shared glue; subclasses implement :meth:`build_config` (and optionally :meth:`initialize`)."""
+
+    method = "adapter"
+
+    def __init__(self, target_modules: str | list[str], attr: str | None = None,
+                 modules_to_save: list[str] | None = None) -> None:
+        super().__init__()
+        if not target_modules:
+            raise ValueError("target_modules must name at least one module (peft's patterns)")
+        self.target_modules, self.attr, self.modules_to_save = target_modules, attr, modules_to_save
+        self.attr_name: str | None = None
+
+    # -- to implement ----------------------------------------------------------------------------
+    def build_config(self, model: nn.Module, saved: dict[str, Any] | None) -> Any:
+        raise NotImplementedError
+
+    def initialize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, peft_model: nn.Module) -> None:
+        """Data-dependent initialisation on a fresh run (not on resume)."""
+
+    def check_strategy(self, trainer: pl.Trainer) -> None:
+        """Refuse unsupported strategy combinations (called in setup)."""
+
+    # -- glue --------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        from peft import PeftModel, get_peft_model
+
+        self.check_strategy(trainer)
+        self.attr_name = adapter_attribute(pl_module, self.attr)
+        model = getattr(pl_module, self.attr_name)
+        if isinstance(model, PeftModel):  # idempotent (fit then test, or a second fit)
+            return
+        select_modules(model, self.target_modules, what=f"{self.method} target_modules")  # lists what exists
+        ckpt = pending_ckpt_path(trainer) if stage == "fit" else None
+        saved = _read_checkpoint_state(ckpt, self.state_key) if ckpt is not None else None
+        config = self.build_config(model, saved)
+        peft_model = get_peft_model(model, config)
+        if saved is None and stage == "fit":
+            self.initialize(trainer, pl_module, peft_model)
+        elif saved is not None:
+            self.state = dict(saved)
+        setattr(pl_module, self.attr_name, peft_model)
+
+    def peft_model(self, pl_module: pl.LightningModule) -> nn.Module:
+        return getattr(pl_module, self.attr_name or adapter_attribute(pl_module, self.attr))
+
+    def save_adapter(self, pl_module: pl.LightningModule, path: str) -> None:
+        """peft's format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        self.peft_model(pl_module).save_pretrained(path)
+
+    def merge(self, pl_module: pl.LightningModule) -> nn.Module:
+        """Fold the adapter into the base weights (``merge_and_unload``) and put the plain model back."""
+        merged = self.peft_model(pl_module).merge_and_unload()
+        setattr(pl_module, self.attr_name, merged)
+        return merged
+
+
+class LoRA(_PeftAdapter):
+    """Plain LoRA (Hu et al. 2021) through ``peft.LoraConfig`` — the baseline of the adapter family.
+
+    Args:
+        r / alpha / dropout: LoRA rank, ``lora_alpha``, ``lora_dropout``.
+        target_modules: peft patterns (e.g. ``[query, value]``); attr / modules_to_save: see the module docstring.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+    """
+
+    method = "LoRA"
+
+    def __init__(self, r: int = 8, alpha: float = 16.0, target_modules: str | list[str] = ("query", "value"),
+                 dropout: float = 0.0, attr: str | None = None, modules_to_save: list[str] | None = None,
+                 use_rslora: bool = False) -> None:
+        super().__init__(list(target_modules) if not isinstance(target_modules, str) else target_modules, attr,
+                         modules_to_save)
+        if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
+            raise ValueError(f"need r >= 1, alpha > 0, 0 <= dropout < 1; got r={r}, alpha={alpha}, dropout={dropout}")
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        return dict(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules,
+                    modules_to_save=self.modules_to_save, use_rslora=self.use_rslora)
+
+    def build_config(self, model: nn.Module, saved: dict[str, Any] | None) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(**self.lora_kwargs())
+
+
+class EVA(LoRA):
+    """EVA — explained-variance adaptation (Paischer et al., arXiv 2410.07170), peft's implementation.
+
+    A = the top right-singular vectors of each layer's input activations (incremental PCA over calibration
+    batches), B = 0 (outputs equal the base model at init, base weights untouched), ranks redistributed by
+    explained variance within the budget ``r × layers`` (``rho``). Calibration data: ``calibration_dataloader``,
+    else the datamodule's ``calibration_dataloader()`` / ``train_dataloader()``; the first
+    ``calibration_batches`` batches. Batches are dicts passed as ``model(**batch)``.
+
+    ``use_label_mask="auto"`` turns peft's label mask off when ``labels`` has shape ``[B]`` (classification),
+    where peft's default crashes (or silently masks wrong positions when B equals the sequence length).
+    Every rank calibrates on the same batches (the loader is not distributed), so ranks agree without gathering.
+    """
+
+    method = "EVA"
+
+    def __init__(self, r: int = 8, alpha: float = 16.0, target_modules: str | list[str] = ("query", "value"),
+                 rho: float = 2.0, tau: float = 0.99, whiten: bool = False, use_label_mask: bool | str = "auto",
+                 calibration_dataloader: Iterable | None = None, calibration_batches: int | None = 8,
+                 dropout: float = 0.0, attr: str | None = None, modules_to_save: list[str] | None = None) -> None:
+        super().__init__(r, alpha, target_modules, dropout, attr, modules_to_save)
+        if rho < 1 or not 0 <= tau <= 1:
+            raise ValueError(f"need rho >= 1 and 0 <= tau <= 1; got rho={rho}, tau={tau}")
+        if use_label_mask not in (True, False, "auto"):
+            raise ValueError(f"use_label_mask must be True, False or 'auto', got {use_label_mask!r}")
+        if calibration_batches is not None and calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be >= 1 or None, got {calibration_batches}")
+        self.rho, self.tau, self.whiten, self.use_label_mask = rho, tau, whiten, use_label_mask
+        self.calibration_dataloader, self.n_calibration = calibration_dataloader, calibration_batches
+
+    def build_config(self, model: nn.Module, saved: dict[str, Any] | None) -> Any:
+        from peft import EvaConfig, LoraConfig
+
+        if saved is not None:  # resume: the calibrated structure, standard init (the restore fills it)
+            return LoraConfig(**self.lora_kwargs(), rank_pattern=saved["rank_pattern"],
+                              alpha_pattern=saved["alpha_pattern"])
+        return LoraConfig(**self.lora_kwargs(), init_lora_weights="eva",
+                          eva_config=EvaConfig(rho=self.rho, tau=self.tau, whiten=self.whiten,
+                                               use_label_mask=self.use_label_mask is True))
+
+    def initialize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, peft_model: nn.Module) -> None:
+        from peft import initialize_lora_eva_weights
+
+        batches = calibration_batches(trainer, self.calibration_dataloader, self.n_calibration, "EVA")
+        labels = batches[0].get("labels") if isinstance(batches[0], dict) else None
+        if self.use_label_mask is True and labels is not None and labels.dim() == 1:
+            raise ValueError("EVA: use_label_mask=True needs token-level labels [B, T]; these labels have shape "
+                             f"{tuple(labels.shape)} (classification). Use use_label_mask='auto' or False.")
+        if not isinstance(batches[0], dict):
+            raise TypeError("EVA calibration batches must be dicts of model inputs (model(**batch))")
+        device = trainer.strategy.root_device
+        peft_model.to(device)
+        moved = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+        was_training = peft_model.training
+        peft_model.eval()
+        initialize_lora_eva_weights(peft_model, dataloader=moved, gather_distributed_inputs=False,
+                                    show_progress_bar=trainer.is_global_zero and trainer.progress_bar_callback is not None)
+        peft_model.train(was_training)
+        config = peft_model.peft_config["default"]
+        self.state = {"rank_pattern": dict(config.rank_pattern or {}), "alpha_pattern": dict(config.alpha_pattern or {})}
+
+
+BONE_MODES = {"bat": "bat", "bone": True, "mini": "mini"}
+
+
+class Bone(_PeftAdapter):
+    """Bone — block-affine adaptation (Kang, arXiv 2409.15371), on peft's successor ``MissConfig`` (MiSS).
+
+    Names: peft removed ``BoneConfig``; the paper was renamed Bone → DiSHA → MiSS over its versions. ``mode``:
+
+    * ``"bat"`` (default) — the block-affine transform ``W'_ij = W_ij (I + B_i) + B_i`` (Bone v1–v3 "Block Affine
+      Transformation", later "Bat"; MiSS ``init_weights="bat"``); needs ``r`` to divide in and out;
+    * ``"bone"`` — the later Bone / MiSS default: one zero-initialised ``r × out`` block shared by the input chunks
+      (``init_weights=True``);
+    * ``"mini"`` — MiSS's smaller shared block (``mini_r``).
+
+    All start at ΔW = 0. ``bat`` reads the base weight inside the adapter's forward: refused under DeepSpeed ZeRO-3
+    and on quantized base layers.
+    """
+
+    method = "Bone"
+
+    def __init__(self, r: int = 16, target_modules: str | list[str] = ("query", "value"), mode: str = "bat",
+                 mini_r: int = 1, dropout: float = 0.0, attr: str | None = None,
+                 modules_to_save: list[str] | None = None) -> None:
+        super().__init__(list(target_modules) if not isinstance(target_modules, str) else target_modules, attr,
+                         modules_to_save)
+        if mode not in BONE_MODES:
+            raise ValueError(f"mode must be one of {list(BONE_MODES)}, got {mode!r}")
+        if r < 1 or mini_r < 1 or not 0 <= dropout < 1:
+            raise ValueError(f"need r >= 1, mini_r >= 1, 0 <= dropout < 1; got {r}, {mini_r}, {dropout}")
+        self.r, self.mode, self.mini_r, self.dropout = r, mode, mini_r, dropout
+
+    def check_strategy(self, trainer: pl.Trainer) -> None:
+        if self.mode == "bat" and deepspeed_stage(trainer) == 3:
+            raise ValueError("Bone mode='bat' with DeepSpeed ZeRO stage 3 is not supported: the block-affine update "
+                             "reads the base weight outside the base layer's forward, where ZeRO-3 has not gathered "
+                             "it. Use mode='bone', or ZeRO stage 1/2.")
+
+    def build_config(self, model: nn.Module, saved: dict[str, Any] | None) -> Any:
+        from peft import MissConfig
+
+        if self.mode == "bat":
+            bad = [(n, tuple(m.weight.shape)) for n, m in select_modules(model, self.target_modules)
+                   if hasattr(m, "weight") and (m.weight.shape[0] % self.r or m.weight.shape[1] % self.r)]
+            if bad:
+                raise SurgeryError(f"Bone mode='bat' needs r={self.r} to divide in and out features; not: {bad}")
+            quantized = [n for n, m in select_modules(model, self.target_modules)
+                         if type(m).__module__.startswith("bitsandbytes")]
+            if quantized:
+                raise ValueError(f"Bone mode='bat' rewrites the full-precision base weight; {quantized} are quantized "
+                                 "(bitsandbytes). Use mode='bone' on a quantized base.")
+        return MissConfig(r=self.r, init_weights=BONE_MODES[self.mode], mini_r=self.mini_r,
+                          miss_dropout=self.dropout, target_modules=self.target_modules,
+                          modules_to_save=self.modules_to_save)

@@ -1,0 +1,112 @@
+"""Adapter callbacks on peft: LoRA, EVA, Bone — structure, init properties, exact save/load and merge."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_ext.callbacks import EVA, Bone, LoRA
+from lightning_ext.data import TweetSentimentDataModule
+from lightning_ext.models import TextClassifier
+from lightning_ext.surgery import SurgeryError
+
+HEAD = ["classifier"]
+
+
+def _fit(cb, steps=0, tmp_path=None, dm=None, model=None):
+    model = model or TextClassifier()
+    trainer = pl.Trainer(max_steps=steps, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    trainer.fit(model, dm if dm is not None else TweetSentimentDataModule())
+    return model, trainer
+
+
+def _batch():
+    dm = TweetSentimentDataModule()
+    return next(iter(dm.val_dataloader()))
+
+
+def _base_weights(model):
+    return {n: p.detach().clone() for n, p in model.model.named_parameters() if "classifier" not in n}
+
+
+def _lora_layers(peft_model):
+    return [(n, m) for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+
+
+@pytest.mark.parametrize("make", [lambda: LoRA(modules_to_save=HEAD), lambda: EVA(modules_to_save=HEAD),
+                                  lambda: Bone(modules_to_save=HEAD), lambda: Bone(mode="bone", modules_to_save=HEAD)],
+                         ids=["lora", "eva", "bone-bat", "bone"])
+def test_adapter_trains_only_itself_saves_reloads_and_merges_exactly(make, tmp_path):
+    from peft import PeftModel
+
+    reference = TextClassifier().eval()
+    base = _base_weights(reference)
+    batch = _batch()
+    with torch.no_grad():
+        base_logits = reference(batch["input_ids"], batch["attention_mask"])
+    cb = make()
+    model, _ = _fit(cb, steps=0, tmp_path=tmp_path)  # setup only: the init
+    model.eval()
+    with torch.no_grad():  # zero update at init (B = 0 / zero blocks): outputs equal the base model
+        torch.testing.assert_close(model(batch["input_ids"], batch["attention_mask"]), base_logits, rtol=0, atol=1e-6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n or "miss_" in n or "classifier" in n) for n in trainable)
+    cb2 = make()
+    model, _ = _fit(cb2, steps=5, tmp_path=tmp_path)
+    model.eval()
+    peft_model = model.model
+    base_after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                  for n, p in peft_model.named_parameters() if "lora_" not in n and "miss_" not in n
+                  and "classifier" not in n}
+    assert all(torch.equal(base_after[n], v) for n, v in base.items())
+    with torch.no_grad():
+        trained = model(batch["input_ids"], batch["attention_mask"])
+    assert not torch.allclose(trained, base_logits, atol=1e-4)  # it trained
+    cb2.save_adapter(model, tmp_path / "adapter")
+    fresh = TextClassifier()  # the same base; a different head: the saved head must replace it
+    torch.nn.init.normal_(fresh.model.classifier.weight)
+    reloaded = PeftModel.from_pretrained(fresh.model, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                           trained)
+    merged = cb2.merge(model)
+    assert not any("lora_" in n or "miss_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["input_ids"], batch["attention_mask"]), trained, rtol=1e-5, atol=1e-5)
+
+
+def test_eva_init_orthonormal_rows_zero_b_and_budget(tmp_path):
+    model, _ = _fit(EVA(r=4, rho=2.0, modules_to_save=HEAD, target_modules=["query", "value", "attention.output.dense"]),
+                    tmp_path=tmp_path)
+    layers = _lora_layers(model.model)
+    total = 0
+    for _, m in layers:
+        a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+        torch.testing.assert_close(a @ a.t(), torch.eye(a.shape[0]), rtol=0, atol=1e-5)
+        assert torch.equal(b, torch.zeros_like(b))
+        total += a.shape[0]
+    assert total == 4 * len(layers)  # the budget is kept (redistributed, not grown)
+    assert len({m.lora_A["default"].weight.shape[0] for _, m in layers}) > 1  # and redistributed here
+
+
+def test_eva_refuses_label_mask_with_classification_labels_and_missing_data(tmp_path):
+    with pytest.raises(ValueError, match="token-level labels"):
+        _fit(EVA(use_label_mask=True, modules_to_save=HEAD), tmp_path=tmp_path)
+    trainer = pl.Trainer(max_steps=1, callbacks=[EVA(modules_to_save=HEAD)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        trainer.fit(TextClassifier(), TweetSentimentDataModule().train_dataloader())
+
+
+def test_bad_targets_and_arguments_are_refused(tmp_path):
+    with pytest.raises(SurgeryError, match="Modules that exist"):
+        _fit(LoRA(target_modules=["nope"]), tmp_path=tmp_path)
+    with pytest.raises(SurgeryError, match="divide in and out"):
+        _fit(Bone(r=48, mode="bat"), tmp_path=tmp_path)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Bone(mode="bone3")
+    with pytest.raises(ValueError, match="rho"):
+        EVA(rho=0.5)
