@@ -17,7 +17,8 @@ import importlib
 
 import torch
 
-from lightning_ext.callbacks import CLNP, EVA, LAWN, Bone, CrAM, LoRA, LossReweighting, OneBit, QuEST, WeightCompander
+from lightning_ext.callbacks import (CLNP, EVA, LAWN, Bone, CrAM, GoRA, LoRA, LossReweighting, OneBit, QuEST,
+                                     WeightCompander)
 from lightning_ext.data import DigitsDataModule, SplitDigitsDataModule, TweetSentimentDataModule
 from lightning_ext.models import ContinualMLP, MLPClassifier, TextClassifier
 
@@ -122,6 +123,11 @@ REGISTRY: list[Entry] = [
     Entry(name="eva", data=_tweets, config="configs/eva.yaml", model=_text_model,
           callbacks=lambda: [EVA(r=4, modules_to_save=["classifier"],
                                  target_modules=["query", "value", "attention.output.dense"])]),
+    # GoRA's calibrated ranks and B come back from the checkpoint on resume (no recalibration); ranks agree
+    # across processes because the gradient is all-reduced and A is drawn from a seeded generator
+    Entry(name="gora", data=_tweets, config="configs/gora.yaml", model=_text_model,
+          callbacks=lambda: [GoRA(r=4, calibration_steps=4, modules_to_save=["classifier"],
+                                  target_modules=["query", "value", "attention.output.dense"])]),
     Entry(name="bone", data=_tweets, config="configs/bone.yaml", model=_text_model,
           callbacks=lambda: [Bone(r=16, mode="bat", modules_to_save=["classifier"])],
           deepspeed={1: "train", 2: "train", 3: r"Bone mode='bat' with DeepSpeed ZeRO stage 3 is not supported"}),

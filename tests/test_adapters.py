@@ -6,7 +6,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_ext.callbacks import EVA, Bone, LoRA
+from lightning_ext.callbacks import EVA, Bone, GoRA, LoRA
+from lightning_ext.nn.gora import allocate_ranks, gora_b_init
 from lightning_ext.data import TweetSentimentDataModule
 from lightning_ext.models import TextClassifier
 from lightning_ext.surgery import SurgeryError
@@ -25,6 +26,7 @@ def _fit(cb, steps=0, tmp_path=None, dm=None, model=None):
 
 def _batch():
     dm = TweetSentimentDataModule()
+    dm.setup()
     return next(iter(dm.val_dataloader()))
 
 
@@ -37,8 +39,9 @@ def _lora_layers(peft_model):
 
 
 @pytest.mark.parametrize("make", [lambda: LoRA(modules_to_save=HEAD), lambda: EVA(modules_to_save=HEAD),
-                                  lambda: Bone(modules_to_save=HEAD), lambda: Bone(mode="bone", modules_to_save=HEAD)],
-                         ids=["lora", "eva", "bone-bat", "bone"])
+                                  lambda: Bone(modules_to_save=HEAD), lambda: Bone(mode="bone", modules_to_save=HEAD),
+                                  lambda: GoRA(r=4, modules_to_save=HEAD)],
+                         ids=["lora", "eva", "bone-bat", "bone", "gora"])
 def test_adapter_trains_only_itself_saves_reloads_and_merges_exactly(make, tmp_path):
     from peft import PeftModel
 
@@ -51,7 +54,11 @@ def test_adapter_trains_only_itself_saves_reloads_and_merges_exactly(make, tmp_p
     model, _ = _fit(cb, steps=0, tmp_path=tmp_path)  # setup only: the init
     model.eval()
     with torch.no_grad():  # zero update at init (B = 0 / zero blocks): outputs equal the base model
-        torch.testing.assert_close(model(batch["input_ids"], batch["attention_mask"]), base_logits, rtol=0, atol=1e-6)
+        init_logits = model(batch["input_ids"], batch["attention_mask"])
+    if isinstance(cb, GoRA):  # GoRA starts one compressed gradient step away
+        assert not torch.allclose(init_logits, base_logits, atol=1e-6)
+    else:
+        torch.testing.assert_close(init_logits, base_logits, rtol=0, atol=1e-6)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(("lora_" in n or "miss_" in n or "classifier" in n) for n in trainable)
     cb2 = make()
@@ -110,3 +117,49 @@ def test_bad_targets_and_arguments_are_refused(tmp_path):
         Bone(mode="bone3")
     with pytest.raises(ValueError, match="rho"):
         EVA(rho=0.5)
+
+
+def test_gora_rank_allocation_bounds_budget_and_order():
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (64, 256), "d": (64, 64)}
+    ranks = allocate_ranks({"a": 1.0, "b": 3.0, "c": 4.0, "d": 0.0}, shapes, r0=8, r_min=4, r_max=32)
+    assert all(4 <= r <= 32 for r in ranks.values()) and ranks["d"] == 4 and ranks["b"] > ranks["a"]
+    budget = 8 * sum(m + n for m, n in shapes.values())
+    used = sum(r * sum(shapes[k]) for k, r in ranks.items())
+    assert used <= budget * 1.15  # not renormalised after clipping (d is lifted to r_min), as the reference
+    assert allocate_ranks({"a": 1.0, "b": 1.0}, {"a": (8, 8), "b": (8, 8)}, 4, 1, 16) == {"a": 4, "b": 4}
+    with pytest.raises(ValueError, match="r_min <= r0 <= r_max"):
+        allocate_ranks({"a": 1.0}, {"a": (8, 8)}, 4, 5, 16)
+
+
+def test_gora_b_gives_one_compressed_gradient_step():
+    g = torch.randn(48, 32, dtype=torch.float64)
+    a = torch.randn(6, 32, dtype=torch.float64)
+    scaling = 16 / 6 ** 0.5
+    for sign in (-1, 1):
+        b = gora_b_init(g, a, gamma=0.05, scaling=scaling, sign=sign)
+        projector = a.t() @ torch.linalg.inv(a @ a.t()) @ a
+        torch.testing.assert_close(scaling * b @ a, sign * 0.05 * (32 / 6) ** 0.5 * g @ projector)
+
+
+def test_gora_callback_ranks_in_bounds_base_untouched_sign_option(tmp_path):
+    targets = ["query", "value", "attention.output.dense"]
+    base = _base_weights(TextClassifier())
+    deltas = {}
+    for sign in (-1, 1):
+        cb = GoRA(r=4, r_min=2, r_max=8, sign=sign, target_modules=targets, modules_to_save=HEAD)
+        model, _ = _fit(cb, tmp_path=tmp_path)
+        ranks = cb.state["rank_pattern"]
+        assert len(ranks) == 6 and all(2 <= r <= 8 for r in ranks.values()) and len(set(ranks.values())) > 1
+        layers = dict(_lora_layers(model.model))
+        for name, r in ranks.items():
+            layer = layers[f"base_model.model.{name}"]
+            assert layer.lora_A["default"].weight.shape[0] == r
+            assert layer.scaling["default"] == pytest.approx(16 / r ** 0.5)  # rsLoRA with the real rank
+        deltas[sign] = {n: (m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight).detach()
+                        for n, m in layers.items()}
+        after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                 for n, p in model.model.named_parameters() if "lora_" not in n and "classifier" not in n}
+        assert all(torch.equal(after[n], v) for n, v in base.items())
+    for name, delta in deltas[-1].items():  # same A (seeded), same gradient: the sign flips the step
+        assert delta.abs().max() > 0
+        torch.testing.assert_close(deltas[1][name], -delta)

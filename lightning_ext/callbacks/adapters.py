@@ -11,8 +11,9 @@ when a fit resumes, ``setup`` reads it from the checkpoint file and rebuilds the
 calibrating (the restore then loads the weights). :meth:`save_adapter` writes peft's format
 (``save_pretrained``), :meth:`merge` folds the adapter into the base weights (``merge_and_unload``).
 
-Written here: only the Lightning glue (attribute discovery, calibration data, resume). LoRA, EVA and MiSS are
-peft's (``LoraConfig``, ``init_lora_weights="eva"`` + ``initialize_lora_eva_weights``, ``MissConfig``).
+Written here: only the Lightning glue (attribute discovery, calibration data, resume) and GoRA's calibration
+(:mod:`lightning_ext.nn.gora`). LoRA, EVA and MiSS are peft's (``LoraConfig``, ``init_lora_weights="eva"`` +
+``initialize_lora_eva_weights``, ``MissConfig``); GoRA is expressed as a plain ``LoraConfig`` with ``rank_pattern``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import deepspeed_stage
 from lightning_ext.surgery import SurgeryError, select_modules
 
-__all__ = ["Bone", "EVA", "LoRA", "adapter_attribute", "calibration_batches"]
+__all__ = ["Bone", "EVA", "GoRA", "LoRA", "adapter_attribute", "calibration_batches"]
 
 
 def adapter_attribute(pl_module: pl.LightningModule, attr: str | None) -> str:
@@ -109,7 +110,7 @@ class _PeftAdapter(Technique):
     # -- glue --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        from peft import PeftModel, get_peft_model
+        from peft import PeftModel
 
         self.check_strategy(trainer)
         self.attr_name = adapter_attribute(pl_module, self.attr)
@@ -117,15 +118,20 @@ class _PeftAdapter(Technique):
         if isinstance(model, PeftModel):  # idempotent (fit then test, or a second fit)
             return
         select_modules(model, self.target_modules, what=f"{self.method} target_modules")  # lists what exists
-        ckpt = pending_ckpt_path(trainer) if stage == "fit" else None
+        ckpt = pending_ckpt_path(trainer)
         saved = _read_checkpoint_state(ckpt, self.state_key) if ckpt is not None else None
         config = self.build_config(model, saved)
-        peft_model = get_peft_model(model, config)
+        peft_model = self.setup_peft(config, model)
         if saved is None and stage == "fit":
             self.initialize(trainer, pl_module, peft_model)
         elif saved is not None:
             self.state = dict(saved)
         setattr(pl_module, self.attr_name, peft_model)
+
+    def setup_peft(self, config: Any, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        return get_peft_model(model, config)
 
     def peft_model(self, pl_module: pl.LightningModule) -> nn.Module:
         return getattr(pl_module, self.attr_name or adapter_attribute(pl_module, self.attr))
@@ -286,3 +292,122 @@ class Bone(_PeftAdapter):
         return MissConfig(r=self.r, init_weights=BONE_MODES[self.mode], mini_r=self.mini_r,
                           miss_dropout=self.dropout, target_modules=self.target_modules,
                           modules_to_save=self.modules_to_save)
+
+
+class GoRA(LoRA):
+    """GoRA — gradient-driven adaptive low-rank adaptation (He et al., arXiv 2502.12171); math in
+    :mod:`lightning_ext.nn.gora`.
+
+    Before the optimizer exists, ``calibration_steps`` batches go through the module's own ``training_step``
+    (logging muted) with only the target weights requiring gradients; their averaged gradient (all-reduced
+    across ranks) sets the per-layer ranks (budget of uniform LoRA at ``r``, bounds ``[r_min, r_max]``) and
+    ``B`` (one compressed gradient step of size ``gamma``, descent sign by default). ``A`` is peft's default
+    random init, drawn from a generator seeded by ``seed`` (identical on every rank). The adapter is a plain
+    LoRA with ``rank_pattern`` and rsLoRA scaling ``alpha / sqrt(r_l)``; the ranks are saved in the callback
+    state and rebuilt from the checkpoint on resume (no recalibration). Logged: ``gora/rank/<layer>``.
+    """
+
+    method = "GoRA"
+
+    def __init__(self, r: int = 8, alpha: float = 16.0, target_modules: str | list[str] = ("query", "value"),
+                 r_min: int | None = None, r_max: int | None = None, gamma: float = 5e-2, sign: int = -1,
+                 rounding: str = "round", calibration_steps: int = 8, calibration_dataloader: Iterable | None = None,
+                 seed: int = 0, dropout: float = 0.0, attr: str | None = None,
+                 modules_to_save: list[str] | None = None) -> None:
+        super().__init__(r, alpha, target_modules, dropout, attr, modules_to_save, use_rslora=True)
+        self.r_min = max(1, r // 2) if r_min is None else r_min
+        self.r_max = 4 * r if r_max is None else r_max
+        if not 1 <= self.r_min <= r <= self.r_max:
+            raise ValueError(f"need 1 <= r_min <= r <= r_max, got r_min={self.r_min}, r={r}, r_max={self.r_max}")
+        if sign not in (-1, 1) or not gamma > 0 or calibration_steps < 1:
+            raise ValueError(f"need sign in (-1, +1), gamma > 0, calibration_steps >= 1; got {sign}, {gamma}, "
+                             f"{calibration_steps}")
+        from lightning_ext.nn.gora import ROUNDINGS
+
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
+        self.gamma, self.sign, self.rounding, self.seed = gamma, sign, rounding, seed
+        self.calibration_steps, self.calibration_dataloader = calibration_steps, calibration_dataloader
+        self._grads: dict[str, torch.Tensor] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from peft import PeftModel
+
+        attr = adapter_attribute(pl_module, self.attr)
+        fresh = stage == "fit" and not isinstance(getattr(pl_module, attr), PeftModel)
+        if fresh and pending_ckpt_path(trainer) is None:
+            self._calibrate(trainer, pl_module, getattr(pl_module, attr))
+        super().setup(trainer, pl_module, stage)
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        """Average gradient of every target weight over the calibration batches, then the ranks."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        from lightning_ext.nn.gora import allocate_ranks, importance
+
+        targets = dict(select_modules(model, self.target_modules, types=[nn.Linear], what="GoRA target_modules"))
+        batches = calibration_batches(trainer, self.calibration_dataloader, self.calibration_steps, "GoRA")
+        device = trainer.strategy.root_device
+        pl_module.to(device)
+        flags = {p: p.requires_grad for p in pl_module.parameters()}
+        for p in pl_module.parameters():
+            p.requires_grad_(False)
+        for m in targets.values():
+            m.weight.requires_grad_(True)
+            m.weight.grad = None
+        muted = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
+        pl_module.__dict__.update(muted)
+        try:
+            for i, batch in enumerate(batches):
+                out = pl_module.training_step(move_data_to_device(batch, device), i)
+                loss = out if isinstance(out, torch.Tensor) else out["loss"]
+                loss.backward()
+        finally:
+            for key in muted:
+                pl_module.__dict__.pop(key, None)
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+        grads = {}
+        for name, m in targets.items():
+            g = m.weight.grad.float() / len(batches)
+            m.weight.grad = None
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(g)
+                g /= torch.distributed.get_world_size()
+            grads[name] = g
+        scores = {n: importance(targets[n].weight, g) for n, g in grads.items()}
+        shapes = {n: tuple(targets[n].weight.shape) for n in grads}
+        ranks = allocate_ranks(scores, shapes, self.r, self.r_min, self.r_max, self.rounding)
+        self._grads = grads
+        self.state = {"rank_pattern": ranks, "importance": scores}
+
+    def build_config(self, model: nn.Module, saved: dict[str, Any] | None) -> Any:
+        from peft import LoraConfig
+
+        ranks = (saved or self.state).get("rank_pattern")
+        if ranks is None:
+            raise ValueError("GoRA has no calibrated ranks: calibration runs in a fit; to evaluate without one, "
+                             "pass the fit's ckpt_path (its ranks are in the checkpoint)")
+        return LoraConfig(**self.lora_kwargs(), rank_pattern=dict(ranks))
+
+    def setup_peft(self, config: Any, model: nn.Module) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)  # the random A: identical on every rank
+            return super().setup_peft(config, model)
+
+    def initialize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, peft_model: nn.Module) -> None:
+        from lightning_ext.nn.gora import gora_b_init
+
+        base = peft_model.get_base_model()
+        with torch.no_grad():
+            for name, grad in self._grads.items():
+                layer = base.get_submodule(name)
+                a = layer.lora_A["default"].weight
+                b = gora_b_init(grad.to(a.device), a, self.gamma, layer.scaling["default"], self.sign)
+                layer.lora_B["default"].weight.copy_(b)
+        self._grads = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ranks = self.state.get("rank_pattern", {})
+        if ranks and trainer.logger is not None:
+            trainer.logger.log_metrics({f"gora/rank/{n}": float(r) for n, r in ranks.items()}, step=0)

@@ -107,6 +107,14 @@ class TweetSentimentDataModule(ResumableDataModule):
         self.parts = parts
         self.train_set, self.val_set = parts["train"], parts["eval"]
 
+    def train_dataloader(self) -> DataLoader:
+        self.setup()  # usable outside a Trainer too
+        return super().train_dataloader()
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return super().val_dataloader()
+
     def calibration_dataloader(self) -> DataLoader:
         self.setup()
         return DataLoader(self.parts["calibration"], batch_size=self.batch_size, shuffle=False)
