@@ -10,4 +10,5 @@ from lightning_ext.callbacks.onebit import OneBit
 from lightning_ext.callbacks.quest import QuEST
 from lightning_ext.callbacks.reweighting import LossReweighting
 
-__all__ = ["CLNP", "EVA", "Bone", "GoRA", "LoRA", "LAWN", "CrAM", "LossReweighting", "OneBit", "QuEST", "Technique", "WeightCompander"]
+__all__ = ["CLNP", "EVA", "LAWN", "Bone", "CrAM", "GoRA", "LoRA", "LossReweighting", "OneBit", "QuEST", "Technique",
+           "WeightCompander"]

@@ -233,10 +233,12 @@ class EVA(LoRA):
         was_training = peft_model.training
         peft_model.eval()
         initialize_lora_eva_weights(peft_model, dataloader=moved, gather_distributed_inputs=False,
-                                    show_progress_bar=trainer.is_global_zero and trainer.progress_bar_callback is not None)
+                                    show_progress_bar=trainer.is_global_zero
+                                    and trainer.progress_bar_callback is not None)
         peft_model.train(was_training)
         config = peft_model.peft_config["default"]
-        self.state = {"rank_pattern": dict(config.rank_pattern or {}), "alpha_pattern": dict(config.alpha_pattern or {})}
+        self.state = {"rank_pattern": dict(config.rank_pattern or {}),
+                      "alpha_pattern": dict(config.alpha_pattern or {})}
 
 
 BONE_MODES = {"bat": "bat", "bone": True, "mini": "mini"}

@@ -87,7 +87,8 @@ class QuEST(Technique):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._set_enabled(trainer.global_step)
-        collect = self.log_every > 0 and trainer.global_step % self.log_every == 0 and trainer.global_step >= self.start_step
+        step = trainer.global_step
+        collect = self.log_every > 0 and step % self.log_every == 0 and step >= self.start_step
         for layer in self.layers.values():
             layer.collect_stats = collect
 

@@ -105,7 +105,8 @@ class StdlibCharDataModule(ResumableDataModule):
 
 
 def stdlib_context_windows(context: int = 16, train_chars: int = 1_500_000, val_chars: int = 200_000,
-                           val_every: int = 10) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+                           val_every: int = 10) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                         tuple[torch.Tensor, torch.Tensor]]:
     """``((x_train, y_train), (x_val, y_val))``: every position's previous ``context`` ids and its next id, from
     the standard library's source (validation = every ``val_every``-th file), for plain-torch demos."""
     train, val, n_train, n_val = [], [], 0, 0

