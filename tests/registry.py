@@ -17,7 +17,7 @@ import importlib
 
 import torch
 
-from lightning_ext.callbacks import (CLNP, EVA, LAWN, Bone, CrAM, GoRA, LoRA, LossReweighting, OneBit, QuEST,
+from lightning_ext.callbacks import (CLNP, EVA, LAWN, Bone, CrAM, GoRA, LoRA, LossReweighting, LoTR, OneBit, QuEST,
                                      WeightCompander)
 from lightning_ext.data import DigitsDataModule, SplitDigitsDataModule, TweetSentimentDataModule
 from lightning_ext.models import ContinualMLP, MLPClassifier, TextClassifier
@@ -128,6 +128,8 @@ REGISTRY: list[Entry] = [
     Entry(name="gora", data=_tweets, config="configs/gora.yaml", model=_text_model,
           callbacks=lambda: [GoRA(r=4, calibration_steps=4, modules_to_save=["classifier"],
                                   target_modules=["query", "value", "attention.output.dense"])]),
+    Entry(name="lotr", data=_tweets, config="configs/lotr.yaml", model=_text_model,
+          callbacks=lambda: [LoTR(r=8, modules_to_save=["classifier"])]),
     Entry(name="bone", data=_tweets, config="configs/bone.yaml", model=_text_model,
           callbacks=lambda: [Bone(r=16, mode="bat", modules_to_save=["classifier"])],
           deepspeed={1: "train", 2: "train", 3: r"Bone mode='bat' with DeepSpeed ZeRO stage 3 is not supported"}),

@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_ext.callbacks import EVA, Bone, GoRA, LoRA
+from lightning_ext.callbacks import EVA, Bone, GoRA, LoRA, LoTR
 from lightning_ext.nn.gora import allocate_ranks, gora_b_init
 from lightning_ext.data import TweetSentimentDataModule
 from lightning_ext.models import TextClassifier
@@ -40,8 +40,8 @@ def _lora_layers(peft_model):
 
 @pytest.mark.parametrize("make", [lambda: LoRA(modules_to_save=HEAD), lambda: EVA(modules_to_save=HEAD),
                                   lambda: Bone(modules_to_save=HEAD), lambda: Bone(mode="bone", modules_to_save=HEAD),
-                                  lambda: GoRA(r=4, modules_to_save=HEAD)],
-                         ids=["lora", "eva", "bone-bat", "bone", "gora"])
+                                  lambda: GoRA(r=4, modules_to_save=HEAD), lambda: LoTR(r=8, modules_to_save=HEAD)],
+                         ids=["lora", "eva", "bone-bat", "bone", "gora", "lotr"])
 def test_adapter_trains_only_itself_saves_reloads_and_merges_exactly(make, tmp_path):
     from peft import PeftModel
 
@@ -60,14 +60,14 @@ def test_adapter_trains_only_itself_saves_reloads_and_merges_exactly(make, tmp_p
     else:
         torch.testing.assert_close(init_logits, base_logits, rtol=0, atol=1e-6)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(("lora_" in n or "miss_" in n or "classifier" in n) for n in trainable)
+    assert trainable and all(("lora_" in n or "miss_" in n or "lotr_" in n or "classifier" in n) for n in trainable)
     cb2 = make()
     model, _ = _fit(cb2, steps=5, tmp_path=tmp_path)
     model.eval()
     peft_model = model.model
     base_after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
                   for n, p in peft_model.named_parameters() if "lora_" not in n and "miss_" not in n
-                  and "classifier" not in n}
+                  and "lotr_" not in n and "classifier" not in n}
     assert all(torch.equal(base_after[n], v) for n, v in base.items())
     with torch.no_grad():
         trained = model(batch["input_ids"], batch["attention_mask"])
@@ -80,7 +80,7 @@ def test_adapter_trains_only_itself_saves_reloads_and_merges_exactly(make, tmp_p
         assert torch.equal(reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                            trained)
     merged = cb2.merge(model)
-    assert not any("lora_" in n or "miss_" in n for n, _ in merged.named_parameters())
+    assert not any("lora_" in n or "miss_" in n or "lotr_" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(model(batch["input_ids"], batch["attention_mask"]), trained, rtol=1e-5, atol=1e-5)
 
@@ -163,3 +163,26 @@ def test_gora_callback_ranks_in_bounds_base_untouched_sign_option(tmp_path):
     for name, delta in deltas[-1].items():  # same A (seeded), same gradient: the sign flips the step
         assert delta.abs().max() > 0
         torch.testing.assert_close(deltas[1][name], -delta)
+
+
+def test_lotr_shares_factors_counts_parameters_and_exports_to_lora_exactly(tmp_path):
+    from peft import PeftModel
+
+    cb = LoTR(r=8, modules_to_save=HEAD, target_modules=["query", "value", "attention.output.dense"])
+    model, _ = _fit(cb, steps=5, tmp_path=tmp_path)
+    model.eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n]
+    shared = [n for n in names if "lotr_L" in n or "lotr_R" in n]
+    assert len(shared) == 2  # one (L, R) pair: every target here is 64 x 64
+    adapter = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    d, layers = 64, 6
+    assert adapter == 8 * (d + d) + layers * 8 * 8  # r (in + out) + D r^2, vs LoRA's D r (in + out)
+    batch = _batch()
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["attention_mask"])
+    cb.export_lora(model, tmp_path / "as_lora")
+    lora = PeftModel.from_pretrained(TextClassifier().model, tmp_path / "as_lora").eval()
+    assert lora.peft_config["default"].peft_type == "LORA"
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                   out, rtol=1e-5, atol=1e-5)

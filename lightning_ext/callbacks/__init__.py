@@ -1,6 +1,6 @@
 """Lightning glue: one callback per technique (thin; the math lives in optimizers/ and nn/)."""
 
-from lightning_ext.callbacks.adapters import EVA, Bone, GoRA, LoRA
+from lightning_ext.callbacks.adapters import EVA, Bone, GoRA, LoRA, LoTR
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.clnp import CLNP
 from lightning_ext.callbacks.compander import WeightCompander
@@ -10,5 +10,5 @@ from lightning_ext.callbacks.onebit import OneBit
 from lightning_ext.callbacks.quest import QuEST
 from lightning_ext.callbacks.reweighting import LossReweighting
 
-__all__ = ["CLNP", "EVA", "LAWN", "Bone", "CrAM", "GoRA", "LoRA", "LossReweighting", "OneBit", "QuEST", "Technique",
-           "WeightCompander"]
+__all__ = ["CLNP", "EVA", "LAWN", "Bone", "CrAM", "GoRA", "LoRA", "LoTR", "LossReweighting", "OneBit", "QuEST",
+           "Technique", "WeightCompander"]
