@@ -26,16 +26,21 @@ from lightning_ext._lightning_compat import pending_ckpt_path
 MANIFEST_KEY = "lightning_ext"
 
 
-def read_manifest(ckpt_path: str | Path) -> list[dict[str, Any]]:
-    """The technique entries saved in a checkpoint file (``[]`` for a plain Lightning checkpoint)."""
+def load_checkpoint_dict(ckpt_path: str | Path) -> dict[str, Any]:
+    """The Lightning checkpoint dict (memory-mapped); for a DeepSpeed checkpoint directory, the client state
+    that lives beside the shards (``{}`` if there is none)."""
     path = Path(ckpt_path)
-    if path.is_dir():  # DeepSpeed checkpoints are directories; the client state lives beside the shards
+    if path.is_dir():
         candidates = sorted(path.rglob("*model_states.pt"))
         if not candidates:
-            return []
+            return {}
         path = candidates[0]
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return list(ckpt.get(MANIFEST_KEY, {}).get("techniques", []))
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def read_manifest(ckpt_path: str | Path) -> list[dict[str, Any]]:
+    """The technique entries saved in a checkpoint file (``[]`` for a plain Lightning checkpoint)."""
+    return list(load_checkpoint_dict(ckpt_path).get(MANIFEST_KEY, {}).get("techniques", []))
 
 
 def manifest_entry(callback: pl.Callback) -> dict[str, Any]:

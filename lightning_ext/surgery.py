@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from torch import nn
 
 Patterns = str | Sequence[str] | None
+
+#: names of output heads (peft-style suffixes) that quantization techniques keep in full precision by default
+OUTPUT_HEADS = ("lm_head", "head", "classifier", "output")
 Types = Sequence[type[nn.Module] | str] | type[nn.Module] | str | None
 
 

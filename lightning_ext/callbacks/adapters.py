@@ -18,17 +18,18 @@ Written here: only the Lightning glue (attribute discovery, calibration data, re
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import deepspeed_stage
+from lightning_ext.manifest import load_checkpoint_dict
 from lightning_ext.surgery import SurgeryError, select_modules
 
 __all__ = ["Bone", "EVA", "GoRA", "LoRA", "LoTR", "adapter_attribute", "calibration_batches"]
@@ -80,15 +81,6 @@ def quantized_targets(model: nn.Module, patterns: str | list[str]) -> list[str]:
     return [n for n, m in select_modules(model, patterns) if type(m).__module__.startswith("bitsandbytes")]
 
 
-def _read_checkpoint_state(path: str, key: str) -> dict[str, Any] | None:
-    """A callback's state from a checkpoint file (or a DeepSpeed checkpoint directory)."""
-    path = str(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "checkpoint", "mp_rank_00_model_states.pt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return ckpt.get("callbacks", {}).get(key)
-
-
 class _PeftAdapter(Technique):
     """Shared glue; subclasses implement :meth:`build_config` (and optionally :meth:`initialize`)."""
 
@@ -99,6 +91,8 @@ class _PeftAdapter(Technique):
         super().__init__()
         if not target_modules:
             raise ValueError("target_modules must name at least one module (peft's patterns)")
+        if not isinstance(target_modules, str):  # a regex string, else a list (a tuple default is not YAML/peft)
+            target_modules = list(target_modules)
         self.target_modules, self.attr, self.modules_to_save = target_modules, attr, modules_to_save
         self.attr_name: str | None = None
 
@@ -124,7 +118,7 @@ class _PeftAdapter(Technique):
             return
         select_modules(model, self.target_modules, what=f"{self.method} target_modules")  # lists what exists
         ckpt = pending_ckpt_path(trainer)
-        saved = _read_checkpoint_state(ckpt, self.state_key) if ckpt is not None else None
+        saved = load_checkpoint_dict(ckpt).get("callbacks", {}).get(self.state_key) if ckpt is not None else None
         config = self.build_config(model, saved)
         peft_model = self.setup_peft(config, model)
         if saved is None and stage == "fit":
@@ -166,8 +160,7 @@ class LoRA(_PeftAdapter):
     def __init__(self, r: int = 8, alpha: float = 16.0, target_modules: str | list[str] = ("query", "value"),
                  dropout: float = 0.0, attr: str | None = None, modules_to_save: list[str] | None = None,
                  use_rslora: bool = False) -> None:
-        super().__init__(list(target_modules) if not isinstance(target_modules, str) else target_modules, attr,
-                         modules_to_save)
+        super().__init__(target_modules, attr, modules_to_save)
         if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
             raise ValueError(f"need r >= 1, alpha > 0, 0 <= dropout < 1; got r={r}, alpha={alpha}, dropout={dropout}")
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
@@ -234,7 +227,7 @@ class EVA(LoRA):
             raise TypeError("EVA calibration batches must be dicts of model inputs (model(**batch))")
         device = trainer.strategy.root_device
         peft_model.to(device)
-        moved = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
+        moved = [move_data_to_device(b, device) for b in batches]
         was_training = peft_model.training
         peft_model.eval()
         initialize_lora_eva_weights(peft_model, dataloader=moved, gather_distributed_inputs=False,
@@ -269,8 +262,7 @@ class Bone(_PeftAdapter):
     def __init__(self, r: int = 16, target_modules: str | list[str] = ("query", "value"), mode: str = "bat",
                  mini_r: int = 1, dropout: float = 0.0, attr: str | None = None,
                  modules_to_save: list[str] | None = None) -> None:
-        super().__init__(list(target_modules) if not isinstance(target_modules, str) else target_modules, attr,
-                         modules_to_save)
+        super().__init__(target_modules, attr, modules_to_save)
         if mode not in BONE_MODES:
             raise ValueError(f"mode must be one of {list(BONE_MODES)}, got {mode!r}")
         if r < 1 or mini_r < 1 or not 0 <= dropout < 1:
@@ -347,8 +339,6 @@ class GoRA(LoRA):
 
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         """Average gradient of every target weight over the calibration batches, then the ranks."""
-        from lightning.fabric.utilities.apply_func import move_data_to_device
-
         from lightning_ext.nn.gora import allocate_ranks, importance
 
         quantized = quantized_targets(model, self.target_modules)
@@ -428,17 +418,16 @@ class LoTR(_PeftAdapter):
     """LoTR — low tensor rank adaptation (Bershatsky et al., arXiv 2402.01376): ``ΔW_k = s L G_k Rᵀ`` with ``L``, ``R``
     shared by all same-shaped targets and a small ``r × r`` core per layer (a peft tuner written here:
     :mod:`lightning_ext.nn.lotr`, registered as ``peft_type "LOTR"``). Starts at ΔW = 0 (cores zero); saves and
-    reloads through peft's ``save_pretrained`` / ``PeftModel.from_pretrained`` (after ``import lightning_ext.nn.lotr``,
-which registers the type);
-    :meth:`export_lora` writes an equivalent plain LoRA adapter (rank ``r``, scaling 1).
+    reloads through peft's ``save_pretrained`` / ``PeftModel.from_pretrained`` (after
+    ``import lightning_ext.nn.lotr``, which registers the type); :meth:`export_lora` writes an equivalent plain
+    LoRA adapter (rank ``r``, scaling 1).
     """
 
     method = "LoTR"
 
     def __init__(self, r: int = 16, alpha: float = 1.0, target_modules: str | list[str] = ("query", "value"),
                  init_std: float = 1.0, attr: str | None = None, modules_to_save: list[str] | None = None) -> None:
-        super().__init__(list(target_modules) if not isinstance(target_modules, str) else target_modules, attr,
-                         modules_to_save)
+        super().__init__(target_modules, attr, modules_to_save)
         if r < 1 or not alpha > 0 or not init_std > 0:
             raise ValueError(f"need r >= 1, alpha > 0, init_std > 0; got r={r}, alpha={alpha}, init_std={init_std}")
         self.r, self.alpha, self.init_std = r, alpha, init_std

@@ -37,11 +37,10 @@ from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
 from lightning_ext.nn.onebit import INITS, OneBitLinear, OneBitPacked, distillation_loss
-from lightning_ext.surgery import replace_modules, select_modules
+from lightning_ext.surgery import OUTPUT_HEADS, replace_modules, select_modules
 
 __all__ = ["OneBit"]
 
-DEFAULT_EXCLUDE = ["lm_head", "head", "classifier", "output"]
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -72,7 +71,7 @@ class OneBit(Technique):
         hidden_modules: name patterns (relative to ``module``) whose outputs enter the hidden-state MSE.
     """
 
-    def __init__(self, targets: str | list[str] | None = None, exclude: str | list[str] | None = list(DEFAULT_EXCLUDE),
+    def __init__(self, targets: str | list[str] | None = None, exclude: str | list[str] | None = list(OUTPUT_HEADS),
                  init: str = "svd", latent_scale: float = 0.01, layer_norm: bool = True,
                  freeze: str | list[str] | None = None, distill: bool = True, module: str | None = None,
                  kl_weight: float = 1.0, mse_weight: float = 1.0, ce_weight: float = 0.0,

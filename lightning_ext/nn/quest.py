@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_ext.nn.hadamard import block_hadamard
+from lightning_ext.surgery import OUTPUT_HEADS
 
-__all__ = ["ALPHA_STAR", "QuantizedRows", "QuestInt", "QuestLinear", "apply_quest", "convert_quest", "gaussian_grid_mse",
-           "quest_quantize", "trust_quantize"]
+__all__ = ["ALPHA_STAR", "QuantizedRows", "QuestInt", "QuestLinear", "apply_quest", "convert_quest",
+           "gaussian_grid_mse", "quest_quantize", "trust_quantize"]
 
 #: Gaussian-MSE-optimal clip multiples α*(b) of the row RMS (QuEST reference table)
 ALPHA_STAR = {1: 0.79788, 2: 1.49353, 3: 2.05107, 4: 2.51393, 5: 2.91609, 6: 3.27660, 7: 3.60105, 8: 3.88494}
@@ -204,8 +205,7 @@ class QuestInt(nn.Module):
         return F.linear(xr, self.dequantized_weight().to(xr.dtype), self.bias)
 
 
-#: output heads that QuEST leaves in full precision by default (peft-style suffix names)
-DEFAULT_EXCLUDE = ("lm_head", "head", "classifier", "output")
+DEFAULT_EXCLUDE = OUTPUT_HEADS  # output heads stay in full precision by default
 
 
 def apply_quest(model: nn.Module, targets: Any = None, exclude: Any = DEFAULT_EXCLUDE,
