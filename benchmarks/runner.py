@@ -100,9 +100,12 @@ def format_table(results: list[Result], baseline: str, title: str = "", unit: st
     return "\n".join(lines)
 
 
-def benchmark_args(description: str) -> argparse.Namespace:
-    """Common flags: ``--repeats``, ``--threads`` (default: torch's), ``--quick`` (few repeats)."""
+def benchmark_args(description: str, device: bool = False) -> argparse.Namespace:
+    """Common flags: ``--repeats``, ``--threads`` (default: torch's), ``--quick`` (few repeats); with
+    ``device=True`` also ``--device`` (default ``cpu``; the cases must synchronise a CUDA device themselves)."""
     parser = argparse.ArgumentParser(description=description)
+    if device:
+        parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="3 repeats, for a smoke run")

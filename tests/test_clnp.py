@@ -38,20 +38,22 @@ def trainer_for(clnp: CLNP, epochs: int = EPOCHS, **kw) -> pl.Trainer:
     return pl.Trainer(callbacks=[clnp], **{**settings, **kw})
 
 
-def test_logits(model: ContinualMLP, task: int) -> torch.Tensor:
-    x = SplitDigitsDataModule(task=task).splits(task)["test"].tensors[0]
+def test_logits(model: ContinualMLP, task: int, device: str = "cpu") -> torch.Tensor:
+    x = SplitDigitsDataModule(task=task).splits(task)["test"].tensors[0].to(device)
     was = model.training
-    model.eval()
+    model.eval().to(device)
     with torch.no_grad():
         out = model(x, task)
-    model.train(was)
+    model.train(was).cpu()
     return out
 
 
 test_logits.__test__ = False  # a helper, not a test
 
 
-def run_sequence(tasks: int = TASKS, l1: float = 1e-3, num_tasks: int | None = None, **clnp_kw):
+def run_sequence(tasks: int = TASKS, l1: float = 1e-3, num_tasks: int | None = None, device: str = "cpu",
+                 **clnp_kw):
+    """``device``: where the tasks train and where old logits are recomputed and compared."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     pl.seed_everything(0, verbose=False)
     model = DecayedMLP(hidden=[64, 64], num_tasks=num_tasks or tasks)
@@ -60,12 +62,12 @@ def run_sequence(tasks: int = TASKS, l1: float = 1e-3, num_tasks: int | None = N
     drifts: list[tuple[int, int]] = []
 
     def after(task, m):
-        snapshots[task] = test_logits(m, task)
+        snapshots[task] = test_logits(m, task, device)
         drifts.extend((old, task) for old in range(task)
-                      if old in snapshots and not torch.equal(snapshots[old], test_logits(m, old)))
+                      if old in snapshots and not torch.equal(snapshots[old], test_logits(m, old, device)))
 
-    fit_task_sequence(model, [SplitDigitsDataModule(task=t) for t in range(tasks)], lambda t: trainer_for(clnp),
-                      clnp, after_task=after)
+    fit_task_sequence(model, [SplitDigitsDataModule(task=t) for t in range(tasks)],
+                      lambda t: trainer_for(clnp, accelerator=device), clnp, after_task=after)
     return model, clnp, drifts
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -80,3 +82,17 @@ def test_mlp_learns_digits(tmp_path):
     x, y = next(iter(data.val_dataloader()))
     ps, n = per_sample_cross_entropy(model(x), y)
     assert torch.equal(n, torch.ones_like(y)) and token_mean(ps, n) < 0.5
+
+
+def test_validate_then_fit_on_cpu(tmp_path):
+    """trainer.validate() leaves the validation metric's state as inference tensors; the no-grad validation
+    inside a following fit() must still update it (it is reset at every validation epoch start)."""
+    pl.seed_everything(0, verbose=False)
+    data = StdlibCharDataModule(seq_len=32, batch_size=8, train_chars=20_000, val_chars=4_096)
+    model = CharLlama(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    before = trainer.validate(model, datamodule=data, verbose=False)[0]["val/bpc"]
+    trainer.fit(model, datamodule=data)
+    after = trainer.validate(model, datamodule=data, verbose=False)[0]["val/bpc"]
+    assert math.isfinite(before) and math.isfinite(after) and after != before

@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import LambdaCallback
 
 from lightning_ext.data import StdlibCharDataModule
 from lightning_ext.models import CharLlama
@@ -15,13 +16,16 @@ def test_char_llama_learns_on_cuda_in_bf16(tmp_path):
     pl.seed_everything(0, verbose=False)
     data = StdlibCharDataModule(seq_len=128, batch_size=32, train_chars=500_000, val_chars=32_768)
     model = CharLlama(lr=3e-3)
+    seen = set()  # where the weights and the autocast dtype were while training (teardown moves to CPU)
+    record = LambdaCallback(on_train_batch_end=lambda trainer, module, *args: seen.add(
+        (next(module.parameters()).device.type, torch.get_autocast_dtype("cuda"))))
     trainer = pl.Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=100, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=4,
-                         default_root_dir=tmp_path)
+                         default_root_dir=tmp_path, callbacks=[record])
     before = trainer.validate(model, datamodule=data, verbose=False)[0]["val/bpc"]
     trainer.fit(model, datamodule=data)
     after = trainer.validate(model, datamodule=data, verbose=False)[0]["val/bpc"]
-    assert next(model.parameters()).device.type == "cuda"
+    assert seen == {("cuda", torch.bfloat16)}
     assert after < before - 2.0, (before, after)
 
 
@@ -45,3 +49,82 @@ def test_cram_refuses_16_mixed_on_cuda():
                          enable_checkpointing=False, callbacks=[CrAM()])
     with pytest.raises(RuntimeError, match="CrAM with precision='16-mixed'"):
         trainer.fit(MLPClassifier(), datamodule=DigitsDataModule())
+
+
+@pytest.mark.gpu
+def test_clnp_zero_forgetting_is_exact_on_cuda(monkeypatch):
+    """Tasks trained on the GPU (in-place fast path, cuBLAS); every old head's logits recomputed on the GPU
+    after every later task are torch.equal to those taken when it finished."""
+    from test_clnp import run_sequence
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # Trainer(deterministic=True) on CUDA
+    _, clnp, drifts = run_sequence(device="cuda")
+    assert drifts == [] and clnp.state["finished"] == 3
+    assert all(h["val_acc_after"] >= h["val_acc_before"] - 0.015 for h in clnp.state["history"])
+
+
+@pytest.mark.gpu
+def test_quest_linear_on_cuda_matches_cpu():
+    """The lazily built Hadamard and the quantizer on CUDA: float64 forward and gradients equal the CPU's;
+    the integer export equals the fake quant; bf16 autocast stays within 8 % (relative Frobenius;
+    rounding flips near the 4-bit grid points: 3.5 % on CPU)."""
+    from lightning_ext.nn.quest import QuestLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64).double()
+    x = torch.randn(32, 256, dtype=torch.float64)
+    results = {}
+    for device in ("cpu", "cuda"):
+        layer = QuestLinear.from_linear(copy_linear(lin, device), weight_bits=4, act_bits=4)
+        xin = x.detach().to(device).requires_grad_()
+        out = layer(xin)
+        out.pow(2).sum().backward()
+        results[device] = [t.detach().cpu() for t in (out, xin.grad, layer.weight.grad)]
+    for ref, got in zip(results["cpu"], results["cuda"]):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        exported = layer.export()(xin.detach()).cpu()
+        layer_f = QuestLinear.from_linear(copy_linear(lin.float(), "cuda"), weight_bits=4, act_bits=4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = layer_f(xin.detach().float()).double().cpu()
+    torch.testing.assert_close(exported, results["cuda"][0], rtol=1e-10, atol=1e-10)
+    ref = results["cpu"][0]
+    assert float((low - ref).norm() / ref.norm()) < 0.08
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["AdamP", "SGDP", "FAdam"])
+def test_foreach_optimizers_on_cuda_equal_single_tensor(name):
+    from lightning_ext.optimizers import SGDP, AdamP, FAdam
+
+    make = {"AdamP": lambda p, fe: AdamP(p, lr=3e-3, weight_decay=1e-2, foreach=fe),
+            "SGDP": lambda p, fe: SGDP(p, lr=0.05, momentum=0.9, weight_decay=1e-3, foreach=fe),
+            "FAdam": lambda p, fe: FAdam(p, lr=1e-3, foreach=fe)}[name]
+    finals = []
+    for foreach in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+        opt = make(net.parameters(), foreach)
+        for step in range(20):
+            g = torch.Generator(device="cuda").manual_seed(step)
+            x = torch.randn(16, 32, device="cuda", generator=g)
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+        finals.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(finals[0], torch.cat([p.flatten() for p in _fresh_params()]))
+
+
+def copy_linear(lin: torch.nn.Linear, device: str) -> torch.nn.Linear:
+    new = torch.nn.Linear(lin.in_features, lin.out_features, device=device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(lin.weight)
+        new.bias.copy_(lin.bias)
+    return new
+
+
+def _fresh_params():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+    return [p.detach() for p in net.parameters()]

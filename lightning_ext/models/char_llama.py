@@ -69,6 +69,11 @@ class CharLlama(pl.LightningModule):
         out = self._losses(batch)
         self.val_loss.update(out["per_sample_loss"], weight=out["num_tokens"])
 
+    def on_validation_epoch_start(self) -> None:
+        # fresh state in this loop's grad mode: states left by trainer.validate() (inference mode) are
+        # inference tensors, which the no-grad validation inside fit() may not update in place
+        self.val_loss.reset()
+
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()

@@ -87,6 +87,11 @@ class TextClassifier(pl.LightningModule):
         self.val_loss.update(per_sample)
         self.val_acc.update(logits, batch["labels"])
 
+    def on_validation_epoch_start(self) -> None:
+        # fresh state in this loop's grad mode: states left by trainer.validate() (inference mode) are
+        # inference tensors, which the no-grad validation inside fit() may not update in place
+        self.val_loss.reset()
+
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
         self.log("val/acc", self.val_acc.compute())

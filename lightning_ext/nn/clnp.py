@@ -102,6 +102,7 @@ class CLNPLinear(nn.Linear):
         self._rows_only = bool((allowed | frozen).all())  # no connection mask on a trainable row
         # compact copies for the fast path (non-persistent buffers, so .to() moves them)
         self.register_buffer("_frozen_idx", frozen_idx, persistent=False)
+        self.register_buffer("_train_idx", (~self.frozen).nonzero().squeeze(1), persistent=False)
         self.register_buffer("_frozen_w", self.frozen_weight.index_select(0, frozen_idx), persistent=False)
         self.register_buffer("_frozen_b", self.frozen_bias.index_select(0, frozen_idx)
                              if self.bias is not None else None, persistent=False)
@@ -183,7 +184,7 @@ class _RowFrozenLinear(torch.autograd.Function):
         if not layer._restored_in_pending_graph():
             layer.restore_frozen_rows()
         ctx.save_for_backward(x, weight)
-        ctx.frozen_idx, ctx.has_bias = layer._frozen_idx, bias is not None
+        ctx.frozen_idx, ctx.train_idx, ctx.has_bias = layer._frozen_idx, layer._train_idx, bias is not None
         ctx.done, ctx.version = False, weight._version
         layer._live = weakref.ref(ctx)
         return F.linear(x, weight, bias)
@@ -195,11 +196,17 @@ class _RowFrozenLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad.matmul(weight)
-        flat = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_w = flat.t().mm(x.reshape(-1, x.shape[-1])).index_fill_(0, ctx.frozen_idx, 0)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = flat.sum(0).index_fill_(0, ctx.frozen_idx, 0)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            # only the trainable rows' gradient is computed (a GEMM of n_train rows instead of out_features);
+            # frozen rows get exact zeros
+            frozen_idx, train_idx = ctx.frozen_idx, ctx.train_idx
+            grad_train = grad.reshape(-1, grad.shape[-1]).index_select(1, train_idx)
+            if ctx.needs_input_grad[1]:
+                grad_w = weight.new_empty(weight.shape).index_fill_(0, frozen_idx, 0)
+                grad_w.index_put_((train_idx,), grad_train.t().mm(x.reshape(-1, x.shape[-1])))
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = weight.new_empty(weight.shape[0]).index_fill_(0, frozen_idx, 0)
+                grad_b.index_put_((train_idx,), grad_train.sum(0))
         return grad_x, grad_w, grad_b, None
 
 
