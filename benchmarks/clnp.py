@@ -9,8 +9,9 @@ their gradient rows not computed) and its activity-L1 penalty — through the ca
 verification MLP (64-128-128, batch 32: per-call Python/dispatch cost dominates), a wider one
 (64-1024-1024, batch 256) and on CUDA also 64-4096-4096, batch 4096; each with ``torch.optim.Adam`` in its
 default CPU form (single-tensor) and ``fused=True``. On the single-tensor form the frozen rows'
-exact-zero gradients leave exact-zero second moments, and ``sqrt(0)`` is several times slower than ``sqrt`` of a normal number on some x86 CPUs (AMD
-EPYC here): that cost is the optimizer's, and the fused form does not have it.
+exact-zero gradients leave exact-zero second moments, and ``sqrt(0)`` is several times slower than
+``sqrt`` of a normal number on some x86 CPUs (AMD EPYC here): that cost is the optimizer's, and the fused
+form does not have it.
 """
 
 from __future__ import annotations
