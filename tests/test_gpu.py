@@ -5,7 +5,6 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import LambdaCallback
 
 from lightning_ext.data import StdlibCharDataModule
 from lightning_ext.models import CharLlama
@@ -16,12 +15,14 @@ def test_char_llama_learns_on_cuda_in_bf16(tmp_path):
     pl.seed_everything(0, verbose=False)
     data = StdlibCharDataModule(seq_len=128, batch_size=32, train_chars=500_000, val_chars=32_768)
     model = CharLlama(lr=3e-3)
-    seen = set()  # where the weights and the autocast dtype were while training (teardown moves to CPU)
-    record = LambdaCallback(on_train_batch_end=lambda trainer, module, *args: seen.add(
-        (next(module.parameters()).device.type, torch.get_autocast_dtype("cuda"))))
+    seen = set()  # (device, dtype) of every nn.Linear output while training (teardown moves the model to CPU)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, args, out: seen.add((out.device.type, out.dtype))
+                                         if m.training else None)
     trainer = pl.Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=100, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=4,
-                         default_root_dir=tmp_path, callbacks=[record])
+                         default_root_dir=tmp_path)
     before = trainer.validate(model, datamodule=data, verbose=False)[0]["val/bpc"]
     trainer.fit(model, datamodule=data)
     after = trainer.validate(model, datamodule=data, verbose=False)[0]["val/bpc"]
