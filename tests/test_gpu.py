@@ -10,24 +10,34 @@ from lightning_ext.data import StdlibCharDataModule
 from lightning_ext.models import CharLlama
 
 
-@pytest.mark.gpu
-def test_char_llama_learns_on_cuda_in_bf16(tmp_path):
+def _train_char_llama(precision: str, tmp_path) -> tuple[float, float, set]:
+    """300 steps of the demo model on CUDA; val bpc before and after, and the (device, dtype) of every
+    ``nn.Linear`` output while training (teardown moves the model back to the CPU)."""
     pl.seed_everything(0, verbose=False)
     data = StdlibCharDataModule(seq_len=128, batch_size=32, train_chars=500_000, val_chars=32_768)
     model = CharLlama(lr=3e-3)
-    seen = set()  # (device, dtype) of every nn.Linear output while training (teardown moves the model to CPU)
+    seen = set()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.register_forward_hook(lambda m, args, out: seen.add((out.device.type, out.dtype))
                                          if m.training else None)
-    trainer = pl.Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=100, logger=False,
+    trainer = pl.Trainer(accelerator="cuda", devices=1, precision=precision, max_steps=300, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=4,
                          default_root_dir=tmp_path)
     before = trainer.validate(model, datamodule=data, verbose=False)[0]["val/bpc"]
     trainer.fit(model, datamodule=data)
     after = trainer.validate(model, datamodule=data, verbose=False)[0]["val/bpc"]
-    assert seen == {("cuda", torch.bfloat16)}
+    return before, after, seen
+
+
+@pytest.mark.gpu
+def test_char_llama_learns_on_cuda_in_bf16(tmp_path):
+    """bf16-mixed on CUDA learns as float32 does (H200, 300 steps: 7.04 -> 4.74 bf16, 4.70 fp32 bpc)."""
+    before, after, seen = _train_char_llama("bf16-mixed", tmp_path)
+    _, after_fp32, seen_fp32 = _train_char_llama("32-true", tmp_path)
+    assert seen == {("cuda", torch.bfloat16)} and seen_fp32 == {("cuda", torch.float32)}
     assert after < before - 2.0, (before, after)
+    assert abs(after - after_fp32) < 0.15, (after, after_fp32)
 
 
 @pytest.mark.gpu
