@@ -17,7 +17,7 @@ from lightning_ext.callbacks import CLNP
 from lightning_ext.continual import fit_task_sequence
 from lightning_ext.data import SplitDigitsDataModule
 from lightning_ext.models import ContinualMLP
-from lightning_ext.nn.clnp import FREE, CLNPLinear, threshold_search
+from lightning_ext.nn.clnp import FREE, CLNPLinear, activity_l1, threshold_search
 
 TASKS = 3
 EPOCHS = 15
@@ -144,6 +144,41 @@ def test_fast_path_uses_frozen_values_after_every_step(monkeypatch):
     with torch.no_grad():
         layer.weight[:4] += 1.0  # in place while `first`'s graph is pending: restored again
     assert torch.equal(layer(x)[:, :4], first)  # bit-identical whatever the trainable copies hold
+
+
+def test_activity_penalty_counts_the_trainable_rows_only():
+    layer = _half_frozen_layer()  # rows 0-3 frozen
+    out = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    value = activity_l1(out, layer.train_rows)
+    torch.testing.assert_close(value, torch.relu(out)[..., 4:].sum(), rtol=1e-14, atol=0)
+    value.backward()
+    expected = torch.cat([torch.zeros_like(out[..., :4]), (out[..., 4:] > 0).to(out.dtype)], -1)
+    assert torch.equal(out.grad, expected)
+
+
+@pytest.mark.parametrize("l1", [0.0, 0.5])
+def test_training_step_adds_l1_times_the_mean_activity(l1):
+    torch.manual_seed(0)
+    model = ContinualMLP(hidden=[16, 16], num_tasks=2)
+    model.log = lambda *args, **kwargs: None
+    clnp = CLNP(l1=l1)
+    clnp.prepare(model)
+    with torch.no_grad():
+        for layer in clnp.layers:
+            layer.alloc[:8], layer.alloc[8:] = 0, 1
+            layer.freeze_rows(torch.arange(16) < 8)
+        clnp._sync_inputs()
+    clnp._current = 1
+    clnp._install(model)
+    x, y = torch.rand(5, 64), torch.randint(0, 2, (5,))
+    loss = model.training_step((x, y, torch.full((5,), 1)), 0)["loss"]
+    first, second = clnp.layers
+    h1 = torch.nn.functional.linear(x, first.effective_weight(), first.effective_bias())
+    h2 = torch.nn.functional.linear(torch.relu(h1), second.effective_weight(), second.effective_bias())
+    expected = torch.nn.functional.cross_entropy(model.heads[1](torch.relu(h2)), y)
+    expected = expected + l1 * (torch.relu(h1)[:, 8:].sum() + torch.relu(h2)[:, 8:].sum()) / 5
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    assert all((layer.activity_hook is not None) == (l1 > 0) for layer in clnp.layers)
 
 
 def test_connection_rule_and_frozen_rows():

@@ -45,7 +45,7 @@ from torch import nn
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
-from lightning_ext.nn.clnp import FREE, CLNPLinear, check_no_normalization, threshold_search
+from lightning_ext.nn.clnp import FREE, CLNPLinear, activity_l1, check_no_normalization, threshold_search
 from lightning_ext.surgery import SurgeryError, describe_modules, gathered_parameters, replace_modules
 
 __all__ = ["CLNP"]
@@ -226,15 +226,14 @@ class CLNP(Technique):
         for index, head in enumerate(self.heads):
             for p in head.parameters():
                 p.requires_grad_(index == self._current)
-        if self.l1_on in ("activations", "both"):
+        if self.l1 > 0 and self.l1_on in ("activations", "both"):
             for layer in self.layers:
                 layer.activity_hook = self._collect
 
     def _collect(self, layer: CLNPLinear, out: torch.Tensor) -> None:
         if layer.training and torch.is_grad_enabled():
             # mean over the batch of the summed activity of the trainable neurons
-            active = torch.relu(out).flatten(0, -2)
-            self._penalty.append(active.sum(0) @ layer.train_rows / active.shape[0])
+            self._penalty.append(activity_l1(out, layer.train_rows) / out[..., 0].numel())
 
     def penalty(self) -> torch.Tensor | None:
         """The L1 term of the current forward pass (activations) and/or of the trainable rows' weights."""

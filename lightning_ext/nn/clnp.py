@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FREE", "CLNPLinear", "threshold_search"]
+__all__ = ["FREE", "CLNPLinear", "activity_l1", "threshold_search"]
 
 FREE = torch.iinfo(torch.int16).max  # larger than every task index: free neurons are read by no task
 # gloo (DDP's CPU backend) cannot broadcast int16 or bool buffers: allocations are int32, flags uint8
@@ -216,6 +216,29 @@ class _RowFrozenLinear(torch.autograd.Function):
                 grad_b = weight.new_empty(weight.shape[0]).index_fill_(0, frozen_idx, 0)
                 grad_b.index_put_((train_idx,), grad_train.sum(0))
         return grad_x, grad_w, grad_b, None
+
+
+def activity_l1(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``sum(relu(out) * rows)`` over every sample and row — CLNP's activation-L1 term for the rows marked
+    in ``rows`` (``[out_features]`` 0/1 float) — as one autograd node: the backward is
+    ``grad * rows * (out > 0)`` in one pass, instead of the relu / sum / matmul chain's separate passes and
+    nodes (the same values: the subgradient at 0 is 0, as ``relu``'s)."""
+    return _ActivityL1.apply(out, rows)
+
+
+class _ActivityL1(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        flat = out.reshape(-1, out.shape[-1])
+        acc = torch.promote_types(out.dtype, torch.float32)  # summed in fp32 at least (bf16 under autocast)
+        ctx.save_for_backward(flat > 0, rows)
+        ctx.shape, ctx.dtype = out.shape, out.dtype
+        return flat.clamp_min(0).sum(0, dtype=acc).mul_(rows.to(acc)).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        active, rows = ctx.saved_tensors
+        return active.mul(rows.to(grad.dtype) * grad).to(ctx.dtype).view(ctx.shape), None
 
 
 def threshold_search(activity: torch.Tensor, accuracy_if_kept: Callable[[torch.Tensor], float],
