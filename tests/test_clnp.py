@@ -156,12 +156,13 @@ def test_activity_penalty_counts_the_trainable_rows_only():
     assert torch.equal(out.grad, expected)
 
 
-@pytest.mark.parametrize("l1", [0.0, 0.5])
-def test_training_step_adds_l1_times_the_mean_activity(l1):
+@pytest.mark.parametrize("l1, l1_on", [(0.0, "activations"), (0.5, "activations"), (0.5, "weights"),
+                                        (0.5, "both")])
+def test_training_step_adds_l1_times_the_mean_activity(l1, l1_on):
     torch.manual_seed(0)
     model = ContinualMLP(hidden=[16, 16], num_tasks=2)
     model.log = lambda *args, **kwargs: None
-    clnp = CLNP(l1=l1)
+    clnp = CLNP(l1=l1, l1_on=l1_on)
     clnp.prepare(model)
     with torch.no_grad():
         for layer in clnp.layers:
@@ -176,9 +177,13 @@ def test_training_step_adds_l1_times_the_mean_activity(l1):
     h1 = torch.nn.functional.linear(x, first.effective_weight(), first.effective_bias())
     h2 = torch.nn.functional.linear(torch.relu(h1), second.effective_weight(), second.effective_bias())
     expected = torch.nn.functional.cross_entropy(model.heads[1](torch.relu(h2)), y)
-    expected = expected + l1 * (torch.relu(h1)[:, 8:].sum() + torch.relu(h2)[:, 8:].sum()) / 5
-    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
-    assert all((layer.activity_hook is not None) == (l1 > 0) for layer in clnp.layers)
+    if l1_on in ("activations", "both"):
+        expected = expected + l1 * (torch.relu(h1)[:, 8:].sum() + torch.relu(h2)[:, 8:].sum()) / 5
+    if l1_on in ("weights", "both"):
+        expected = expected + l1 * (first.weight[8:].abs().sum() + second.weight[8:].abs().sum())
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    hooked = l1 > 0 and l1_on != "weights"
+    assert all((layer.activity_hook is not None) == hooked for layer in clnp.layers)
 
 
 def test_connection_rule_and_frozen_rows():

@@ -241,8 +241,9 @@ class CLNP(Technique):
             return None
         terms = list(self._penalty)
         if self.l1_on in ("weights", "both"):
-            terms += [layer.weight[~layer.frozen].abs().sum() for layer in self.layers]
-        return torch.stack(terms).sum() if terms else None
+            # index_select of the trainable rows: no host sync (a boolean mask would need one)
+            terms += [layer.weight.index_select(0, layer._train_idx).abs().sum() for layer in self.layers]
+        return sum(terms[1:], terms[0]) if terms else None
 
     @torch.no_grad()
     def prune_and_commit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> dict[str, Any]:
