@@ -8,10 +8,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_ext.data import DigitsDataModule, StdlibCharDataModule
+from lightning_ext.data import DigitsDataModule, StdlibCharDataModule, TweetSentimentDataModule
 from lightning_ext.data.stdlib_chars import decode, encode, stdlib_source_files
 from lightning_ext.losses import per_sample_cross_entropy, token_mean
-from lightning_ext.models import CharLlama, MLPClassifier
+from lightning_ext.models import CharLlama, MLPClassifier, TextClassifier
 
 
 def _trainer(**kw):
@@ -84,15 +84,21 @@ def test_mlp_learns_digits(tmp_path):
     assert torch.equal(n, torch.ones_like(y)) and token_mean(ps, n) < 0.5
 
 
-def test_validate_then_fit_on_cpu(tmp_path):
-    """trainer.validate() leaves the validation metric's state as inference tensors; the no-grad validation
-    inside a following fit() must still update it (it is reset at every validation epoch start)."""
+@pytest.mark.parametrize("name", ["CharLlama", "TextClassifier"])
+def test_validate_then_fit_on_cpu(name, tmp_path):
+    """Metrics reset inside trainer.validate() (inference mode) become inference tensors; the no-grad validation
+    inside a following fit() must still update them, and each validation starts from a fresh state."""
     pl.seed_everything(0, verbose=False)
-    data = StdlibCharDataModule(seq_len=32, batch_size=8, train_chars=20_000, val_chars=4_096)
-    model = CharLlama(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    if name == "CharLlama":
+        data = StdlibCharDataModule(seq_len=32, batch_size=8, train_chars=20_000, val_chars=4_096)
+        model, key = CharLlama(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), "val/bpc"
+    else:
+        data, model, key = TweetSentimentDataModule(batch_size=16, seed=0), TextClassifier(dropout=0.0), "val/loss"
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    before = trainer.validate(model, datamodule=data, verbose=False)[0]["val/bpc"]
+    before = trainer.validate(model, datamodule=data, verbose=False)[0][key]
     trainer.fit(model, datamodule=data)
-    after = trainer.validate(model, datamodule=data, verbose=False)[0]["val/bpc"]
+    after = trainer.validate(model, datamodule=data, verbose=False)[0][key]
+    again = trainer.validate(model, datamodule=data, verbose=False)[0][key]
     assert math.isfinite(before) and math.isfinite(after) and after != before
+    assert again == after  # nothing carried over from the previous validation

@@ -70,13 +70,12 @@ class CharLlama(pl.LightningModule):
         self.val_loss.update(out["per_sample_loss"], weight=out["num_tokens"])
 
     def on_validation_epoch_start(self) -> None:
-        # fresh state in this loop's grad mode: states left by trainer.validate() (inference mode) are
-        # inference tensors, which the no-grad validation inside fit() may not update in place
+        # reset here, not at the end: a fresh state in this loop's grad mode (states left by trainer.validate(),
+        # in inference mode, are inference tensors that the no-grad validation inside fit() may not update)
         self.val_loss.reset()
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
-        self.val_loss.reset()
         self.log("val/loss", loss, sync_dist=False)
         self.log("val/bpc", loss / math.log(2), prog_bar=True, sync_dist=False)
 

@@ -88,15 +88,14 @@ class TextClassifier(pl.LightningModule):
         self.val_acc.update(logits, batch["labels"])
 
     def on_validation_epoch_start(self) -> None:
-        # fresh state in this loop's grad mode: states left by trainer.validate() (inference mode) are
-        # inference tensors, which the no-grad validation inside fit() may not update in place
+        # reset here, not at the end: a fresh state in this loop's grad mode (states left by trainer.validate(),
+        # in inference mode, are inference tensors that the no-grad validation inside fit() may not update)
         self.val_loss.reset()
+        self.val_acc.reset()
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
         self.log("val/acc", self.val_acc.compute())
-        self.val_loss.reset()
-        self.val_acc.reset()
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
