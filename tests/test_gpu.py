@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -86,7 +88,7 @@ def test_quest_linear_on_cuda_matches_cpu():
     x = torch.randn(32, 256, dtype=torch.float64)
     results = {}
     for device in ("cpu", "cuda"):
-        layer = QuestLinear.from_linear(copy_linear(lin, device), weight_bits=4, act_bits=4)
+        layer = QuestLinear.from_linear(copy.deepcopy(lin).to(device), weight_bits=4, act_bits=4)
         xin = x.detach().to(device).requires_grad_()
         out = layer(xin)
         out.pow(2).sum().backward()
@@ -95,7 +97,7 @@ def test_quest_linear_on_cuda_matches_cpu():
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     with torch.no_grad():
         exported = layer.export()(xin.detach()).cpu()
-        layer_f = QuestLinear.from_linear(copy_linear(lin.float(), "cuda"), weight_bits=4, act_bits=4)
+        layer_f = QuestLinear.from_linear(copy.deepcopy(lin).float().cuda(), weight_bits=4, act_bits=4)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             low = layer_f(xin.detach().float()).double().cpu()
     torch.testing.assert_close(exported, results["cuda"][0], rtol=1e-10, atol=1e-10)
@@ -115,6 +117,7 @@ def test_foreach_optimizers_on_cuda_equal_single_tensor(name):
     for foreach in (False, True):
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+        initial = torch.cat([p.detach().flatten() for p in net.parameters()])
         opt = make(net.parameters(), foreach)
         for step in range(20):
             g = torch.Generator(device="cuda").manual_seed(step)
@@ -124,18 +127,5 @@ def test_foreach_optimizers_on_cuda_equal_single_tensor(name):
             opt.step()
         finals.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
     torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(finals[0], torch.cat([p.flatten() for p in _fresh_params()]))
+    assert not torch.equal(finals[0], initial)
 
-
-def copy_linear(lin: torch.nn.Linear, device: str) -> torch.nn.Linear:
-    new = torch.nn.Linear(lin.in_features, lin.out_features, device=device, dtype=lin.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(lin.weight)
-        new.bias.copy_(lin.bias)
-    return new
-
-
-def _fresh_params():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
-    return [p.detach() for p in net.parameters()]
