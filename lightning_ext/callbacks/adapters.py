@@ -219,12 +219,12 @@ class EVA(LoRA):
         from peft import initialize_lora_eva_weights
 
         batches = calibration_batches(trainer, self.calibration_dataloader, self.n_calibration, "EVA")
-        labels = batches[0].get("labels") if isinstance(batches[0], dict) else None
+        if not isinstance(batches[0], dict):
+            raise TypeError("EVA calibration batches must be dicts of model inputs (model(**batch))")
+        labels = batches[0].get("labels")
         if self.use_label_mask is True and labels is not None and labels.dim() == 1:
             raise ValueError("EVA: use_label_mask=True needs token-level labels [B, T]; these labels have shape "
                              f"{tuple(labels.shape)} (classification). Use use_label_mask='auto' or False.")
-        if not isinstance(batches[0], dict):
-            raise TypeError("EVA calibration batches must be dicts of model inputs (model(**batch))")
         device = trainer.strategy.root_device
         peft_model.to(device)
         moved = [move_data_to_device(b, device) for b in batches]
