@@ -188,25 +188,83 @@ def test_lotr_shares_factors_counts_parameters_and_exports_to_lora_exactly(tmp_p
                                    out, rtol=1e-5, atol=1e-5)
 
 
+def _quantized_base(model):
+    """What a quantized base layer computes with, by module name: the dequantized 4-bit weight (bitsandbytes
+    may re-lay-out packed storage, so storage alone is not the test), or the int8 codes and their scales."""
+    import bitsandbytes as bnb
+
+    out = {}
+    for name, m in model.named_modules():
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if isinstance(m, bnb.nn.Linear4bit):
+            out[key] = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).clone()
+        elif isinstance(m, bnb.nn.Linear8bitLt):
+            scales = m.weight.SCB if m.weight.SCB is not None else m.state.SCB  # moved to the state by a forward
+            out[key] = torch.cat([m.weight.data.flatten().float(), scales.flatten().float()]).clone()
+    return out
+
+
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])
 def test_quantized_base_trains_or_is_refused_by_name(bits, tmp_path):
-    """QLoRA-style: a bitsandbytes 4/8-bit base (CPU). LoRA, EVA, Bone(bone), LoTR train and leave the quantized
-    base untouched; GoRA and Bone(bat), which need the full-precision base weight, refuse naming the layers."""
+    """QLoRA-style: a bitsandbytes 4/8-bit base (CPU). LoRA, EVA, Bone(bone), LoTR train — with a validation
+    pass (eval mode, no grad) before and between the training steps — and leave the quantized base bit-identical
+    (dequantized weights). GoRA and Bone(bat), which need the full-precision base weight, refuse naming the layers.
+
+    With bitsandbytes 0.50 on an AVX512-BF16 CPU (this machine), an eval-mode forward without grad re-packs a
+    4-bit weight for inference, lossily, and later training forwards through it drop the input gradient or
+    fail: without ``lightning_ext._bnb_compat.keep_training_layout`` this test fails (EVA raises, LoRA changes
+    layer 0's query/key/value)."""
     base_dir = tmp_path / "base"
     TextClassifier(dropout=0.0).model.save_pretrained(base_dir)
     for make in (lambda: LoRA(r=4, modules_to_save=HEAD), lambda: EVA(r=4, modules_to_save=HEAD),
                  lambda: Bone(mode="bone", modules_to_save=HEAD), lambda: LoTR(r=4, modules_to_save=HEAD)):
         model = TextClassifier(model_path=str(base_dir), quantization=bits)
-        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_floating_point()}
-        assert frozen  # the base really is quantized
-        cb = make()
-        model, _ = _fit(cb, steps=3, tmp_path=tmp_path, model=model)
+        frozen = _quantized_base(model.model)
+        assert len(frozen) == 13  # the base really is quantized: 6 linear layers in each of 2 blocks + pooler
+        assert all(m.training for m in model.modules())  # trained in train mode (from_pretrained gives eval)
+        trainer = pl.Trainer(max_steps=3, callbacks=[make()], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                             val_check_interval=1, default_root_dir=tmp_path)
+        trainer.fit(model, TweetSentimentDataModule())
         trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
         assert trained and all(p.is_floating_point() for p in trained.values())
-        still = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
-                 for n, p in model.model.named_parameters() if not p.is_floating_point()}
-        assert all(torch.equal(still[n.replace("model.", "", 1)], v) for n, v in frozen.items())
+        still = _quantized_base(model.model)
+        assert still.keys() == frozen.keys() and all(torch.equal(still[n], v) for n, v in frozen.items())
     for make, message in ((lambda: GoRA(r=4, modules_to_save=HEAD), "GoRA needs the full-precision gradient"),
                           (lambda: Bone(mode="bat", modules_to_save=HEAD), "rewrites the full-precision base")):
         with pytest.raises(ValueError, match=message):
             _fit(make(), tmp_path=tmp_path, model=TextClassifier(model_path=str(base_dir), quantization=bits))
+
+
+def test_keep_training_layout_stops_and_undoes_the_cpu_inference_repack():
+    """bitsandbytes' CPU inference re-pack (eval mode, no grad, AVX512-BF16 CPUs) is switched off, and a layer
+    re-packed earlier is put back in the standard layout, which trains (input gradient = dense reference)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from lightning_ext._bnb_compat import keep_training_layout
+
+    def layer():
+        torch.manual_seed(0)
+        q = bnb.nn.Linear4bit(64, 64, bias=True, compute_dtype=torch.float32)
+        q.weight = bnb.nn.Params4bit(torch.randn(64, 64) / 8, requires_grad=False)
+        q.bias = torch.nn.Parameter(torch.randn(64), requires_grad=False)
+        return torch.nn.Sequential(q.to("cpu"))
+
+    model = layer()
+    standard = model[0].weight.data.clone()
+    assert keep_training_layout(model) == []
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(4, 64))
+    assert not getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(model[0].weight.data, standard)
+
+    model = layer().eval()
+    with torch.no_grad():
+        model(torch.randn(4, 64))  # re-packed here on an AVX512-BF16 CPU, left as is elsewhere
+    packed = getattr(model[0].weight.quant_state, "packing_format_for_cpu", False)
+    assert keep_training_layout(model) == (["0"] if packed else [])
+    assert torch.equal(model[0].weight.data, standard)
+    x = torch.randn(4, 64, requires_grad=True)
+    model.train()(x).sum().backward()
+    dense = bnb.functional.dequantize_4bit(model[0].weight.data, model[0].weight.quant_state)
+    torch.testing.assert_close(x.grad, dense.sum(0).expand(4, -1))

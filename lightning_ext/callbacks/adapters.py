@@ -24,8 +24,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_ext._bnb_compat import keep_training_layout
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import deepspeed_stage
@@ -114,6 +116,11 @@ class _PeftAdapter(Technique):
         self.check_strategy(trainer)
         self.attr_name = adapter_attribute(pl_module, self.attr)
         model = getattr(pl_module, self.attr_name)
+        repacked = keep_training_layout(model)  # a 4-bit base stays trainable through eval-mode passes
+        if repacked:
+            rank_zero_warn(f"{self.method}: bitsandbytes had re-packed {len(repacked)} 4-bit base layers for CPU "
+                           f"inference before this {stage} (e.g. {repacked[0]}); they are back in the training "
+                           "layout, with bitsandbytes' bf16-rounded block scales")
         if isinstance(model, PeftModel):  # idempotent (fit then test, or a second fit)
             return
         select_modules(model, self.target_modules, what=f"{self.method} target_modules")  # lists what exists

@@ -61,6 +61,7 @@ class TextClassifier(pl.LightningModule):
                     load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
                     llm_int8_skip_modules=["classifier"])
             self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, **extra)
+            self.model.train()  # from_pretrained returns eval mode; Lightning keeps each module's mode as it finds it
         else:
             config = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                                 num_attention_heads=num_heads, intermediate_size=4 * hidden_size,
