@@ -1,7 +1,18 @@
 """The technique manifest: which techniques a checkpoint was trained with, and their arguments.
 
 Every technique callback (:class:`lightning_ext.callbacks.Technique`) adds one entry
-``{"name", "class_path", "init_args"}`` to ``checkpoint["lightning_ext"]["techniques"]``.
+``{"name", "state_key", "class_path", "init_args"}`` to ``checkpoint["lightning_ext"]["techniques"]``:
+
+* ``class_path`` is the class's *public* import path (``lightning_ext.callbacks.LoRA``, the shortest
+  package path that exports it), not its defining module, so moving a file keeps old checkpoints loadable;
+* ``state_key`` tells two instances of one technique apart (e.g. two adapters on different ``attr``): it is
+  the key of the callback's state in ``checkpoint["callbacks"]`` and the key the resume check compares by;
+* ``init_args`` holds configuration only: arguments a technique declares as data (``non_config_args``,
+  e.g. EVA's ``calibration_dataloader``) are left out, and tuples are written as lists (as YAML gives them).
+
+Checkpoints written before ``state_key`` existed keyed each callback by its class name (one instance per
+class); they still load: :func:`saved_callback_state` falls back to that key, and their manifest entries
+are compared by name.
 Surgery (adapters, quantized layers) changes the model's structure, so the same techniques
 must run in ``setup`` — before Lightning loads the weights — when a run resumes:
 
@@ -15,6 +26,7 @@ must run in ``setup`` — before Lightning loads the weights — when a run resu
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +55,66 @@ def read_manifest(ckpt_path: str | Path) -> list[dict[str, Any]]:
     return list(load_checkpoint_dict(ckpt_path).get(MANIFEST_KEY, {}).get("techniques", []))
 
 
+def public_class_path(cls: type) -> str:
+    """The shortest import path that exports ``cls`` (``lightning_ext.callbacks.LoRA``), else its defining one."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return f"{'.'.join(parts[:i])}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def plain_value(value: Any) -> Any:
+    """Tuples as lists, recursively: a Python default ``("query", "value")`` equals YAML's ``[query, value]``."""
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain_value(v) for k, v in value.items()}
+    return value
+
+
+def config_args(cls: type, init_args: dict[str, Any]) -> dict[str, Any]:
+    """The configuration among ``init_args``: without the arguments ``cls`` declares as data."""
+    skip = set(getattr(cls, "non_config_args", ()))
+    return {k: plain_value(v) for k, v in init_args.items() if k not in skip}
+
+
 def manifest_entry(callback: pl.Callback) -> dict[str, Any]:
     cls = type(callback)
     return {"name": getattr(callback, "technique_name", cls.__name__),
-            "class_path": f"{cls.__module__}.{cls.__qualname__}",
-            "init_args": dict(getattr(callback, "init_args", {}))}
+            "state_key": callback.state_key,
+            "class_path": public_class_path(cls),
+            "init_args": config_args(cls, getattr(callback, "init_args", {}))}
+
+
+def saved_callback_state(checkpoint: dict[str, Any], callback: pl.Callback) -> dict[str, Any] | None:
+    """The callback's state in a checkpoint dict: under its ``state_key``, else under its class name (how
+    checkpoints written before instance-specific state keys stored it)."""
+    states = checkpoint.get("callbacks") or {}
+    if callback.state_key in states:
+        return states[callback.state_key]
+    return states.get(type(callback).__qualname__)
+
+
+def _technique_class(entry: dict[str, Any]) -> type:
+    module_name, _, cls_name = entry["class_path"].rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError):  # a defining module that has moved since: the public name
+        import lightning_ext.callbacks
+
+        if hasattr(lightning_ext.callbacks, entry["name"]):
+            return getattr(lightning_ext.callbacks, entry["name"])
+        raise
 
 
 def techniques_from_checkpoint(ckpt_path: str | Path) -> list[pl.Callback]:
     """Instantiate the technique callbacks a checkpoint was trained with (same arguments)."""
     callbacks = []
     for entry in read_manifest(ckpt_path):
-        module_name, _, cls_name = entry["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        callbacks.append(cls(**entry["init_args"]))
+        cls = _technique_class(entry)
+        callbacks.append(cls(**config_args(cls, entry["init_args"])))
     return callbacks
 
 
@@ -72,9 +130,13 @@ def check_manifest(trainer: pl.Trainer, ckpt_path: str | Path | None = None) -> 
         return
     if getattr(trainer, "_lightning_ext_manifest_checked", None) == str(ckpt_path):
         return
-    saved = {e["name"]: e for e in read_manifest(ckpt_path)}
-    present = {e["name"]: e for e in (manifest_entry(cb) for cb in trainer.callbacks
-                                      if getattr(cb, "is_lightning_ext_technique", False))}
+    saved_entries = read_manifest(ckpt_path)
+    techniques = [cb for cb in trainer.callbacks if getattr(cb, "is_lightning_ext_technique", False)]
+    by = "name" if any("state_key" not in e for e in saved_entries) else "state_key"  # older checkpoints: by name
+    saved = {e[by]: e for e in saved_entries}
+    pairs = [(manifest_entry(cb), type(cb)) for cb in techniques]
+    present = {e[by]: e for e, _ in pairs}
+    classes = {e[by]: cls for e, cls in pairs}
     missing = sorted(set(saved) - set(present))
     if missing:
         raise RuntimeError(
@@ -82,6 +144,8 @@ def check_manifest(trainer: pl.Trainer, ckpt_path: str | Path | None = None) -> 
             f"change the model before its weights load. Add the same callbacks (saved arguments: "
             f"{[saved[m]['init_args'] for m in missing]}), or build them with "
             "lightning_ext.manifest.techniques_from_checkpoint(ckpt_path).")
+    for key, entry in saved.items():  # saved as the present class counts configuration (older ones kept data too)
+        entry["init_args"] = config_args(classes[key], entry["init_args"])
     changed = [n for n in saved if saved[n]["init_args"] != present[n]["init_args"]]
     if changed:
         raise RuntimeError(

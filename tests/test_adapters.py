@@ -268,3 +268,52 @@ def test_keep_training_layout_stops_and_undoes_the_cpu_inference_repack():
     model.train()(x).sum().backward()
     dense = bnb.functional.dequantize_4bit(model[0].weight.data, model[0].weight.quant_state)
     torch.testing.assert_close(x.grad, dense.sum(0).expand(4, -1))
+
+
+def _tweet_loader():
+    dm = TweetSentimentDataModule(batch_size=16, seed=1)
+    dm.setup()
+    return dm.train_dataloader()  # a new loader object each call
+
+
+def test_eva_resumes_exactly_when_given_its_own_calibration_loader(tmp_path):
+    """The loader is data, not configuration: not in the manifest, and another loader object on resume is
+    not a changed argument (the resume check used to compare the loaders by identity and refuse)."""
+    from harness import resume_differences
+    from registry import BY_NAME, Entry
+
+    eva = BY_NAME["eva"]
+    entry = Entry(name="eva_loader", model=eva.model, data=eva.data, steps=6, resume_at=3,
+                  callbacks=lambda: [EVA(r=4, modules_to_save=HEAD, calibration_dataloader=_tweet_loader())])
+    assert resume_differences(entry, tmp_path) == []
+    assert "calibration_dataloader" not in EVA().state_key
+
+
+class _TwoEncoders(TextClassifier):
+    """Two small BERTs summed: two models to adapt in one LightningModule."""
+
+    def __init__(self) -> None:
+        super().__init__(dropout=0.0, hidden_size=32, num_layers=1)
+        import copy
+
+        self.second = copy.deepcopy(self.model)
+        torch.nn.init.normal_(self.second.classifier.weight)
+
+    def forward(self, input_ids, attention_mask=None):
+        return super().forward(input_ids, attention_mask) + self.second(input_ids=input_ids,
+                                                                        attention_mask=attention_mask).logits
+
+
+def test_two_adapters_on_two_models_live_in_one_trainer_and_resume_exactly(tmp_path):
+    from harness import resume_differences
+    from registry import BY_NAME, Entry
+
+    make = lambda: [LoRA(r=2, attr="model", modules_to_save=HEAD), LoRA(r=4, attr="second")]  # noqa: E731
+    first, second = make()
+    assert first.state_key != second.state_key
+    entry = Entry(name="two_loras", model=_TwoEncoders, data=BY_NAME["lora"].data, steps=6, resume_at=3,
+                  callbacks=make)
+    assert resume_differences(entry, tmp_path) == []
+    model, _ = _fit(make()[0], tmp_path=tmp_path, model=_TwoEncoders())
+    with pytest.raises(ValueError, match=r"already adapted by LoRA.*one adapter callback per model"):
+        _fit(LoRA(r=4, attr="model", target_modules=["key"]), tmp_path=tmp_path, model=model)

@@ -9,7 +9,7 @@ import torch
 from lightning_ext.data import DigitsDataModule
 from lightning_ext.manifest import MANIFEST_KEY, read_manifest, techniques_from_checkpoint
 from lightning_ext.models import MLPClassifier
-from toy_techniques import Gate
+from toy_techniques import Counted, Gate
 
 
 def _fit(root, callbacks, max_steps, ckpt_path=None):
@@ -38,7 +38,7 @@ def test_checkpoint_carries_the_manifest(gated_ckpt):
     ckpt = torch.load(gated_ckpt, weights_only=False)
     assert "net.0.gate" in ckpt["state_dict"]
     assert ckpt[MANIFEST_KEY]["techniques"] == [
-        {"name": "Gate", "class_path": "toy_techniques.Gate", "init_args": {"target_modules": ["net.0"],
+        {"name": "Gate", "state_key": "Gate", "class_path": "toy_techniques.Gate", "init_args": {"target_modules": ["net.0"],
                                                                               "init": 0.5}}]
     assert read_manifest(gated_ckpt) == ckpt[MANIFEST_KEY]["techniques"]
 
@@ -65,3 +65,62 @@ def test_techniques_from_checkpoint_rebuild_and_resume(gated_ckpt, tmp_path):
     assert trainer.global_step == 5
     # the gate parameter came from the checkpoint and kept training (it started at 0.5)
     assert not torch.equal(trainer.lightning_module.net[0].gate, torch.full((16,), 0.5))
+
+
+def test_class_paths_are_public_import_paths():
+    """The manifest names a technique by the path users import it from, not its defining module, so a file
+    that moves keeps old checkpoints loadable; a class path whose module is gone resolves by name."""
+    import lightning_ext.callbacks as callbacks
+    from lightning_ext.manifest import public_class_path
+
+    for name in callbacks.__all__:
+        assert public_class_path(getattr(callbacks, name)) == f"lightning_ext.callbacks.{name}"
+    assert public_class_path(Gate) == "toy_techniques.Gate"
+
+
+def test_a_class_path_whose_module_moved_resolves_by_public_name(tmp_path):
+    from lightning_ext.callbacks import LossReweighting
+
+    path = tmp_path / "old.ckpt"
+    torch.save({MANIFEST_KEY: {"techniques": [
+        {"name": "LossReweighting", "class_path": "lightning_ext.callbacks.moved_away.LossReweighting",
+         "init_args": {"strategy": "extremes", "r": 0.5, "delta": 1.0, "warmup_steps": 0, "warmup_r": None,
+                       "log_diagnostics": True}}]}}, path)
+    (callback,) = techniques_from_checkpoint(path)
+    assert type(callback) is LossReweighting and callback.init_args["strategy"] == "extremes"
+
+
+def test_two_instances_keep_their_own_state_and_data_arguments_stay_out(tmp_path):
+    """``state_key`` includes the identity arguments: two instances live in one Trainer, each resumes its own
+    state; a data argument (``non_config_args``) is not in the manifest and may differ on resume."""
+    first, second = Counted("a", notes=object()), Counted("b", notes=object())
+    assert first.state_key != second.state_key
+    trainer = _fit(tmp_path, [first, second], 3)
+    path = tmp_path / "two.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert {e["state_key"] for e in ckpt[MANIFEST_KEY]["techniques"]} == {first.state_key, second.state_key}
+    assert all("notes" not in e["init_args"] for e in ckpt[MANIFEST_KEY]["techniques"])
+    a, b = Counted("a", notes=object()), Counted("b")
+    b.state["batches"] = 100  # must be replaced by the saved 3
+    _fit(tmp_path, [a, b], 5, ckpt_path=str(path))
+    assert a.state["batches"] == b.state["batches"] == 5
+
+
+def test_checkpoints_from_before_state_keys_still_resume(tmp_path):
+    """Written before instance-specific state keys: state under the class name, manifest without
+    ``state_key``. The state still loads and the manifest check still compares (by name)."""
+    trainer = _fit(tmp_path, [Counted("a")], 3)
+    path = tmp_path / "new.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["callbacks"]["Counted"] = ckpt["callbacks"].pop(Counted("a").state_key)
+    for entry in ckpt[MANIFEST_KEY]["techniques"]:
+        del entry["state_key"]
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(ckpt, legacy)
+    resumed = Counted("a")
+    _fit(tmp_path, [resumed], 5, ckpt_path=str(legacy))
+    assert resumed.state["batches"] == 5
+    with pytest.raises(RuntimeError, match=r"\['Counted'\].*techniques_from_checkpoint"):
+        _fit(tmp_path, [Gate()], 5, ckpt_path=str(legacy))

@@ -32,3 +32,18 @@ class Gate(Technique):
         super().setup(trainer, pl_module, stage)
         targets = select_modules(pl_module, self.target_modules, types=[nn.Linear])
         replace_modules(pl_module, targets, lambda name, old: GatedLinear(old, self.init))
+
+
+class Counted(Technique):
+    """Counts the training batches it saw (state that must survive a resume); ``tag`` tells instances apart."""
+
+    identity_args = ("tag",)
+    non_config_args = ("notes",)
+
+    def __init__(self, tag: str = "a", notes: object = None) -> None:
+        super().__init__()
+        self.tag = tag
+        self.state = {"batches": 0}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.state["batches"] += 1

@@ -31,7 +31,7 @@ from lightning_ext._bnb_compat import keep_training_layout
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import deepspeed_stage
-from lightning_ext.manifest import load_checkpoint_dict
+from lightning_ext.manifest import load_checkpoint_dict, saved_callback_state
 from lightning_ext.surgery import SurgeryError, select_modules
 
 __all__ = ["Bone", "EVA", "GoRA", "LoRA", "LoTR", "adapter_attribute", "calibration_batches"]
@@ -87,6 +87,7 @@ class _PeftAdapter(Technique):
     """Shared glue; subclasses implement :meth:`build_config` (and optionally :meth:`initialize`)."""
 
     method = "adapter"
+    identity_args = ("attr", "target_modules")  # two adapters on different models of one module can coexist
 
     def __init__(self, target_modules: str | list[str], attr: str | None = None,
                  modules_to_save: list[str] | None = None) -> None:
@@ -121,17 +122,22 @@ class _PeftAdapter(Technique):
             rank_zero_warn(f"{self.method}: bitsandbytes had re-packed {len(repacked)} 4-bit base layers for CPU "
                            f"inference before this {stage} (e.g. {repacked[0]}); they are back in the training "
                            "layout, with bitsandbytes' bf16-rounded block scales")
-        if isinstance(model, PeftModel):  # idempotent (fit then test, or a second fit)
+        if isinstance(model, PeftModel):  # idempotent (fit then test, or a second fit) ...
+            owner = getattr(model, "_lightning_ext_adapter", self.state_key)
+            if owner != self.state_key:  # ... but not a second adapter on top of another one
+                raise ValueError(f"{self.method}: {type(pl_module).__name__}.{self.attr_name} is already adapted by "
+                                 f"{owner}; use one adapter callback per model (list all its target_modules there)")
             return
         select_modules(model, self.target_modules, what=f"{self.method} target_modules")  # lists what exists
         ckpt = pending_ckpt_path(trainer)
-        saved = load_checkpoint_dict(ckpt).get("callbacks", {}).get(self.state_key) if ckpt is not None else None
+        saved = saved_callback_state(load_checkpoint_dict(ckpt), self) if ckpt is not None else None
         config = self.build_config(model, saved)
         peft_model = self.setup_peft(config, model)
         if saved is None and stage == "fit":
             self.initialize(trainer, pl_module, peft_model)
         elif saved is not None:
             self.state = dict(saved)
+        peft_model._lightning_ext_adapter = self.state_key
         setattr(pl_module, self.attr_name, peft_model)
 
     def setup_peft(self, config: Any, model: nn.Module) -> nn.Module:
@@ -197,6 +203,7 @@ class EVA(LoRA):
     """
 
     method = "EVA"
+    non_config_args = ("calibration_dataloader",)  # data: not in the manifest, not compared on resume
 
     def __init__(self, r: int = 8, alpha: float = 16.0, target_modules: str | list[str] = ("query", "value"),
                  rho: float = 2.0, tau: float = 0.99, whiten: bool = False, use_label_mask: bool | str = "auto",
@@ -313,6 +320,7 @@ class GoRA(LoRA):
     """
 
     method = "GoRA"
+    non_config_args = ("calibration_dataloader",)
 
     def __init__(self, r: int = 8, alpha: float = 16.0, target_modules: str | list[str] = ("query", "value"),
                  r_min: int | None = None, r_max: int | None = None, gamma: float = 5e-2, sign: int = -1,

@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 
-from lightning_ext.manifest import MANIFEST_KEY, check_manifest, manifest_entry
+from lightning_ext.callbacks.optimizer_injection import uninject
+from lightning_ext.manifest import MANIFEST_KEY, check_manifest, manifest_entry, plain_value, saved_callback_state
 
 
 class Technique(pl.Callback):
@@ -20,11 +21,20 @@ class Technique(pl.Callback):
       written into every checkpoint's manifest (:mod:`lightning_ext.manifest`);
     * a ``setup`` that refuses to resume from a checkpoint trained with other techniques;
     * ``state_dict``/``load_state_dict`` that save ``self.state`` (a dict of tensors and plain
-      values) — put everything that must survive a resume there.
+      values) — put everything that must survive a resume there;
+    * a ``state_key`` (the key of that state in the checkpoint, and of the manifest entry) made of the
+      class name and the arguments named in ``identity_args`` — what tells two instances apart, e.g. an
+      adapter's ``attr`` and ``target_modules`` — so two instances can share a Trainer and resume.
+
+    Class attributes a subclass may set: ``technique_name`` (default: the class name), ``identity_args``,
+    and ``non_config_args``: arguments that are data, not configuration (a calibration dataloader), kept out
+    of the manifest and of the resume comparison.
     """
 
     is_lightning_ext_technique: ClassVar[bool] = True
     technique_name: ClassVar[str] = ""
+    identity_args: ClassVar[tuple[str, ...]] = ()
+    non_config_args: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -48,8 +58,23 @@ class Technique(pl.Callback):
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
 
+    @property
+    def state_key(self) -> str:
+        identity = {k: plain_value(self.init_args[k]) for k in self.identity_args}
+        return self._generate_state_key(**identity) if identity else type(self).__qualname__
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_manifest(trainer)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        uninject(pl_module, self)  # an optimizer wrapping this technique injected (no-op otherwise)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # a checkpoint from before instance-specific state keys holds the state under the class name
+        state = saved_callback_state(checkpoint, self)
+        if state is not None:
+            checkpoint["callbacks"].setdefault(self.state_key, state)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:

@@ -166,6 +166,7 @@ class CLNP(Technique):
         self._install(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         if self._wrapped is not None and stage == "fit":
             unwrap_training_step(*self._wrapped)
             self._wrapped = None

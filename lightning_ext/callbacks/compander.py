@@ -85,7 +85,7 @@ class WeightCompander(Technique):
         self.prepare(pl_module)
         self._module = pl_module
         if stage == "fit":
-            inject(pl_module, self._own_group, "_lightning_ext_compander_injected")
+            inject(pl_module, self._own_group, self)
 
     def _own_group(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         hyper = compander_parameters(self._module)

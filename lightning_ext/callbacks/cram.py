@@ -87,7 +87,7 @@ class CrAM(Technique):
         self.optimizers = []
         inject_wrapper(pl_module, prunable,
                        lambda opt, mine: CrAMOptimizer(opt, prunable=mine, batchnorm=batchnorm, **self.kwargs),
-                       lambda wrapped: self.optimizers.append(wrapped), "_lightning_ext_cram_injected")
+                       lambda wrapped: self.optimizers.append(wrapped), self)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

@@ -75,7 +75,7 @@ class LAWN(Technique):
         inject_wrapper(pl_module, weights,
                        lambda opt, mine: LAWNOptimizer(opt, mine, self.free_steps, self.norm_scope, self.constraint,
                                                        self.project_grad),
-                       lambda wrapped: self.optimizers.append(wrapped), "_lightning_ext_lawn_injected")
+                       lambda wrapped: self.optimizers.append(wrapped), self)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

@@ -145,6 +145,7 @@ class OneBit(Technique):
             self.teacher.to(param.device)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         if self._wrapped is not None and stage == "fit":
             unwrap_training_step(*self._wrapped)
             for handle in self._handles:

@@ -47,21 +47,47 @@ def wrap_configured(out: Any, wrap: Wrap) -> Any:
     raise TypeError(f"cannot wrap the optimizers in a configure_optimizers result of type {type(out).__name__}")
 
 
-def inject(pl_module: pl.LightningModule, wrap: Wrap, marker: str) -> None:
-    """Make ``pl_module.configure_optimizers`` return wrapped optimizers (once per ``marker``)."""
-    if getattr(pl_module, marker, False):
+_CHAIN = "_lightning_ext_optimizer_wraps"
+
+
+def inject(pl_module: pl.LightningModule, wrap: Wrap, owner: object) -> None:
+    """Make ``pl_module.configure_optimizers`` return its optimizers wrapped by ``wrap`` (once per ``owner``,
+    the injecting callback), until :func:`uninject`. Several owners stack in the order they inject (the first
+    is innermost). The module's own method (or an instance-level one, e.g. LightningCLI's) stays untouched."""
+    chain = pl_module.__dict__.get(_CHAIN)
+    if chain is None:
+        own = pl_module.__dict__.get("configure_optimizers")  # an instance-level method, to put back
+        original = pl_module.configure_optimizers
+        chain = pl_module.__dict__[_CHAIN] = {"own": own, "wraps": []}
+
+        def configure_optimizers() -> Any:
+            out = original()
+            for _, each in chain["wraps"]:
+                out = wrap_configured(out, each)
+            return out
+
+        pl_module.configure_optimizers = configure_optimizers
+    if not any(o is owner for o, _ in chain["wraps"]):
+        chain["wraps"].append((owner, wrap))
+
+
+def uninject(pl_module: pl.LightningModule, owner: object) -> None:
+    """Undo :func:`inject` for ``owner`` (called in the callback's ``teardown``): a module fitted again, with
+    another Trainer and callback, is wrapped afresh — not twice, and not by a stale callback."""
+    chain = pl_module.__dict__.get(_CHAIN)
+    if chain is None:
         return
-    original = pl_module.configure_optimizers
-
-    def configure_optimizers() -> Any:
-        return wrap_configured(original(), wrap)
-
-    pl_module.configure_optimizers = configure_optimizers
-    setattr(pl_module, marker, True)
+    chain["wraps"] = [(o, w) for o, w in chain["wraps"] if o is not owner]
+    if not chain["wraps"]:
+        del pl_module.__dict__[_CHAIN]
+        if chain["own"] is None:
+            del pl_module.__dict__["configure_optimizers"]
+        else:
+            pl_module.configure_optimizers = chain["own"]
 
 
 def inject_wrapper(pl_module: pl.LightningModule, tensors: list, make: Callable[[Optimizer, list], Optimizer],
-                   register: Callable[[Optimizer], None], marker: str) -> None:
+                   register: Callable[[Optimizer], None], owner: object) -> None:
     """Wrap every optimizer that owns some of ``tensors`` as ``make(optimizer, owned_tensors)`` and pass
     each wrapper to ``register``; optimizers owning none of them are returned unwrapped."""
 
@@ -74,7 +100,7 @@ def inject_wrapper(pl_module: pl.LightningModule, tensors: list, make: Callable[
         register(wrapped)
         return wrapped
 
-    inject(pl_module, wrap, marker)
+    inject(pl_module, wrap, owner)
 
 
 def deepspeed_stage(trainer: pl.Trainer) -> int | None:

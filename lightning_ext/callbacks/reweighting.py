@@ -88,6 +88,7 @@ class LossReweighting(Technique):
         self._wrapped = (pl_module, wrap_training_step(pl_module, wrap))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         if self._wrapped is not None and stage == "fit":
             unwrap_training_step(*self._wrapped)
             self._wrapped = None
