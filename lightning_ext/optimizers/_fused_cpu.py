@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -32,19 +33,39 @@ CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fas
           "-fopenmp"]
 
 
+def missing_build_requirement() -> str | None:
+    """What the build lacks, said so that the user can act on it (``None``: source, compiler, ninja all there)."""
+    if not SOURCE.is_file():
+        return (f"its C++ source {SOURCE} is missing from this installation (a wheel built without package data?); "
+                "reinstall lightning-ext from a release or from the repository")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return (f"no C++ compiler ({compiler!r} is not on PATH): install one (Debian/Ubuntu: apt-get install g++; "
+                "conda: conda install gxx_linux-64), or point CXX at it")
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return 'ninja is not installed: pip install ninja (or pip install "lightning-ext[fused]")'
+    return None
+
+
 @functools.cache
 def extension() -> ModuleType:
     """Build (once per machine) and load the extension."""
     from torch.utils.cpp_extension import load
 
+    missing = missing_build_requirement()
+    if missing is not None:
+        raise RuntimeError(f"fused=True needs the lightning_ext C++ kernels, which cannot be built: {missing}. "
+                           "Or use fused=False.")
     log.info("lightning_ext: compiling the fused CPU optimizer kernels (first use only, about a minute)")
     try:
         return load(name="lightning_ext_fused_cpu", sources=[str(SOURCE)],
                     extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                     verbose=os.environ.get("LIGHTNING_EXT_VERBOSE_BUILD") == "1")
-    except (RuntimeError, OSError) as err:  # no compiler, no ninja
+    except (RuntimeError, OSError) as err:  # the compiler failed
         raise RuntimeError(f"fused=True needs the lightning_ext C++ kernels, which failed to build ({err}). "
-                           'Install a C++ compiler and ninja (pip install "lightning-ext[fused]"), or use '
+                           "Set LIGHTNING_EXT_VERBOSE_BUILD=1 to see the compiler's output, or use "
                            "fused=False.") from err
 
 
