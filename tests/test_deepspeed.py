@@ -58,4 +58,5 @@ def test_manifest_is_read_from_a_deepspeed_checkpoint_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ckpt").is_dir()
     assert read_manifest(tmp_path / "ckpt") == [
-        {"name": "Gate", "class_path": "toy_techniques.Gate", "init_args": {"target_modules": ["net.0"], "init": 0.5}}]
+        {"name": "Gate", "state_key": "Gate", "class_path": "toy_techniques.Gate",
+         "init_args": {"target_modules": ["net.0"], "init": 0.5}}]
