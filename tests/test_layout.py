@@ -1,0 +1,35 @@
+"""The package layout: checkpoints written before technique classes moved still resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from fixtures.pre_move import STOP, entries
+from harness import clone, differences, fit, technique_callbacks
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pre_move"
+
+
+class _AtStart(pl.Callback):
+    """What the trainer holds once the checkpoint is restored (before the first resumed step)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seen = clone({"state_dict": pl_module.state_dict(), "callbacks": technique_callbacks(trainer),
+                           "global_step": trainer.global_step})
+
+
+@pytest.mark.parametrize("name", sorted(entries()))
+def test_a_checkpoint_written_before_the_move_resumes(name, tmp_path):
+    entry = entries()[name]
+    path = FIXTURES / f"{name}.ckpt"
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    probe = _AtStart()
+    trainer = fit(entry, tmp_path, STOP + 2, ckpt_path=str(path), callbacks=[probe])
+    assert probe.seen["global_step"] == STOP
+    assert differences(saved["state_dict"], probe.seen["state_dict"]) == []
+    technique_state = {k: v for k, v in saved["callbacks"].items() if not k.startswith("ModelCheckpoint")}
+    assert differences(technique_state, probe.seen["callbacks"]) == []  # every saved state, under its saved key
+    assert trainer.global_step == STOP + 2
