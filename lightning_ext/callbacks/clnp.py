@@ -1,6 +1,7 @@
 """``CLNP``: continual learning via neural pruning (Golkar, Kagan, Cho 2019, arXiv 1903.04476) as a
 Lightning callback. One ``trainer.fit`` is one task; the layer and the search are in
-:mod:`lightning_ext.nn.clnp`.
+:mod:`lightning_ext.nn.clnp`, the network-level steps (conversion, a new task, the end-of-task pruning) in
+:mod:`lightning_ext.nn.clnp_network`; this file is the Lightning glue.
 
 Per task ``t`` (from the ``task`` argument, else ``trainer.datamodule.task``):
 
@@ -32,7 +33,6 @@ monotonically as more neurons are pruned), no fine-tuning after pruning.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,8 +45,9 @@ from torch import nn
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
-from lightning_ext.nn.clnp import FREE, CLNPLinear, activity_l1, check_no_normalization, threshold_search
-from lightning_ext.surgery import SurgeryError, describe_modules, gathered_parameters, replace_modules
+from lightning_ext.nn.clnp import CLNPLinear, activity_l1
+from lightning_ext.nn.clnp_network import CLNPNetwork
+from lightning_ext.surgery import gathered_parameters
 
 __all__ = ["CLNP"]
 
@@ -91,6 +92,7 @@ class CLNP(Technique):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.reuse_threshold = reuse_threshold
         self.state = {"finished": 0, "history": []}
+        self.network: CLNPNetwork | None = None
         self.layers: list[CLNPLinear] = []
         self.heads: list[CLNPLinear] = []
         self._penalty: list[torch.Tensor] = []
@@ -100,55 +102,11 @@ class CLNP(Technique):
     # -- structure ------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
         """Convert the layers and heads in place (idempotent); usable outside a Trainer."""
-        heads = model.get_submodule(self.heads_name) if self._has(model, self.heads_name) else None
-        if not isinstance(heads, nn.ModuleList) or not all(isinstance(h, nn.Linear) for h in heads):
-            raise SurgeryError(f"CLNP: heads={self.heads_name!r} must name an nn.ModuleList of nn.Linear heads, "
-                               f"one per task. Modules that exist:\n{describe_modules(model)}")
-        names = self.layer_names
-        if names is None:
-            names = [n for n, m in model.named_modules()
-                     if isinstance(m, nn.Linear) and not (n == self.heads_name or n.startswith(self.heads_name + "."))]
-        if not names:
-            raise SurgeryError("CLNP: no hidden nn.Linear layers found. Modules that exist:\n"
-                               f"{describe_modules(model)}")
-        check_no_normalization(model, names)
-        layers = [model.get_submodule(n) if self._has(model, n) else None for n in names]
-        missing = [n for n, m in zip(names, layers) if not isinstance(m, nn.Linear)]
-        if missing:
-            raise SurgeryError(f"CLNP: layers {missing} are not nn.Linear modules of the model. Modules that "
-                               f"exist:\n{describe_modules(model)}")
-        for a, b, name in zip(layers[:-1], layers[1:], names[1:]):
-            if b.in_features != a.out_features:
-                raise ValueError(f"CLNP: layers must form a chain; {name!r} reads {b.in_features} features but the "
-                                 f"previous layer has {a.out_features} neurons")
-        if any(h.in_features != layers[-1].out_features for h in heads):
-            raise ValueError(f"CLNP: every head must read the last layer's {layers[-1].out_features} neurons")
-        todo = [n for n, m in zip(names, layers) if not isinstance(m, CLNPLinear)]
-        if todo:
-            replace_modules(model, todo, lambda _, old: CLNPLinear.from_linear(old))
-        for i, head in enumerate(heads):
-            if not isinstance(head, CLNPLinear):
-                heads[i] = CLNPLinear.from_linear(head, row_alloc=i)
-        self.layers = [model.get_submodule(n) for n in names]
-        self.heads = list(heads)
-        self._sync_inputs()
+        self.network = CLNPNetwork.convert(model, self.layer_names, self.heads_name)
+        self.layers, self.heads = self.network.layers, self.network.heads
 
-    @staticmethod
-    def _has(model: nn.Module, name: str) -> bool:
-        try:
-            model.get_submodule(name)
-            return True
-        except AttributeError:
-            return False
-
-    @torch.no_grad()
     def _sync_inputs(self) -> None:
-        for prev, layer in zip(self.layers[:-1], self.layers[1:]):
-            layer.in_alloc.copy_(prev.alloc)
-        for head in self.heads:
-            head.in_alloc.copy_(self.layers[-1].alloc)
-        for layer in [*self.layers, *self.heads]:
-            layer.refresh()
+        self.network.sync_inputs()
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -197,14 +155,7 @@ class CLNP(Technique):
             raise ValueError(f"CLNP: tasks run in order, one fit each; {finished} finished, so the next task is "
                              f"{finished}, not {task}" + (" (use checkpoint_dir to carry results between "
                                                          "processes)" if task > finished else ""))
-        with torch.no_grad():
-            for index, layer in enumerate(self.layers):
-                free = layer.alloc == FREE
-                layer.alloc[free] = task
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + task * 1_009 + index)
-                with gathered_parameters(layer, modifier_rank=0):
-                    layer.reinit_rows(free.cpu(), generator)
-        self._sync_inputs()
+        self.network.begin_task(task, self.seed)
 
     def _install(self, pl_module: pl.LightningModule) -> None:
         if self._wrapped is not None:
@@ -242,90 +193,21 @@ class CLNP(Technique):
             return None
         terms = list(self._penalty)
         if self.l1_on in ("weights", "both"):
-            # index_select of the trainable rows: no host sync (a boolean mask would need one)
-            terms += [layer.weight.index_select(0, layer._train_idx).abs().sum() for layer in self.layers]
+            terms += self.network.weight_l1()
         return sum(terms[1:], terms[0]) if terms else None
 
-    @torch.no_grad()
     def prune_and_commit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> dict[str, Any]:
         """Measure activity on validation data, search the threshold, allocate and freeze (task end)."""
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else trainer.val_dataloaders
-        was_training = pl_module.training
-        pl_module.eval()
-        candidates = [(layer.alloc == task) & ~layer.frozen for layer in self.layers]
-        sums = [torch.zeros(layer.out_features, dtype=torch.float64) for layer in self.layers]
-        count = [0]
-
-        def record(layer: CLNPLinear, out: torch.Tensor) -> None:
-            sums[self.layers.index(layer)] += torch.relu(out.detach()).flatten(0, -2).sum(0).double().cpu()
-
-        def accuracy(collect: bool = False) -> float:
-            correct = total = 0
-            for layer in self.layers:
-                layer.activity_hook = record if collect else None
-            for x, y, t in loader:
-                x, y = x.to(pl_module.device), y.to(pl_module.device)
-                logits = pl_module(x, int(t[0]))
-                if not torch.isfinite(logits).all():
-                    raise FloatingPointError("CLNP: non-finite outputs; zero forgetting needs finite activations")
-                correct += int((logits.argmax(-1) == y).sum())
-                total += len(y)
-                if collect:
-                    count[0] += len(y)
-            for layer in self.layers:
-                layer.activity_hook = None
-            return correct / max(total, 1)
-
-        full = accuracy(collect=True)
-        activity = torch.cat([(s / max(count[0], 1))[c.cpu()] for s, c in zip(sums, candidates)])
-
-        def set_kept(keep: torch.Tensor) -> None:
-            offset = 0
-            for layer, cand in zip(self.layers, candidates):
-                n = int(cand.sum())
-                alloc = torch.where(cand, torch.tensor(task, dtype=layer.alloc.dtype, device=cand.device), layer.alloc)
-                dropped = torch.zeros_like(cand)
-                dropped[cand.nonzero().flatten()] = ~keep[offset:offset + n].to(cand.device)
-                layer.alloc.copy_(torch.where(dropped, torch.tensor(FREE, dtype=layer.alloc.dtype, device=cand.device),
-                                              alloc))
-                offset += n
-            self._sync_inputs()
-
-        def accuracy_if_kept(keep: torch.Tensor) -> float:
-            set_kept(keep)
-            return accuracy()
-
-        if activity.numel() > 1:
-            keep, threshold, pruned_acc = threshold_search(activity, accuracy_if_kept, full, self.margin)
-        else:
-            keep, threshold, pruned_acc = torch.ones_like(activity, dtype=torch.bool), -math.inf, full
-        set_kept(keep)
-        for layer in self.layers:
-            with gathered_parameters(layer):
-                layer.freeze_rows((layer.alloc == task) & ~layer.frozen)
-        head = self.heads[task]
-        with gathered_parameters(head):
-            head.freeze_rows(torch.ones(head.out_features, dtype=torch.bool, device=head.frozen_rows.device))
-        pl_module.train(was_training)
-        record_ = {"task": task, "val_acc_before": full, "val_acc_after": pruned_acc, "threshold": threshold,
-                   "layers": self.capacity(task)}
-        self.state["history"].append(record_)
+        record = self.network.prune_and_commit(pl_module, loader, task, self.margin, pl_module.device)
+        record["layers"] = self.capacity(task)
+        self.state["history"].append(record)
         self.state["finished"] = task + 1
-        return record_
+        return record
 
     def capacity(self, task: int) -> list[dict[str, int]]:
         """Per layer: neurons allocated to ``task`` (new), old neurons its rows read (reused), free ones."""
-        rows = []
-        consumers = [*self.layers[1:], self.heads[task]]
-        for layer, consumer in zip(self.layers, consumers):
-            new_rows = (consumer.alloc == task) & consumer.frozen  # just frozen: their values are in the buffers
-            weights = (consumer.frozen_weight * consumer.allowed())[new_rows].abs()
-            old = (consumer.in_alloc >= 0) & (consumer.in_alloc < task)
-            cutoff = self.reuse_threshold * weights[weights > 0].mean() if (weights > 0).any() else math.inf
-            reused = int(((weights > cutoff).any(0) & old).sum()) if new_rows.any() else 0
-            rows.append({"new": int((layer.alloc == task).sum()), "reused": reused,
-                         "free": int((layer.alloc == FREE).sum())})
-        return rows
+        return self.network.capacity(task, self.reuse_threshold)
 
     def _report(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
         names = self.layer_names or [f"layer{i}" for i in range(len(self.layers))]

@@ -18,10 +18,11 @@ from __future__ import annotations
 import lightning.pytorch as pl
 
 from lightning_ext.callbacks.base import Technique
-from lightning_ext.callbacks.optimizer_injection import deepspeed_stage, inject_wrapper
+from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.nn.pruning import batchnorm_modules
 from lightning_ext.optimizers.cram import CrAM as CrAMOptimizer
 from lightning_ext.optimizers.cram import check_cram_arguments
+from lightning_ext.strategies.probe import strategy_info
 from lightning_ext.surgery import select_modules
 
 SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "32", "64")
@@ -58,7 +59,7 @@ class CrAM(Technique):
         self.optimizers: list[CrAMOptimizer] = []
 
     def _refuse_unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stage = deepspeed_stage(trainer)
+        stage = strategy_info(trainer).zero_stage
         if stage is not None:
             raise RuntimeError(f"CrAM with DeepSpeed (ZeRO stage {stage}) is not supported: the engine steps the "
                                "optimizer without a closure, and CrAM needs two passes per step. Use DDP.")

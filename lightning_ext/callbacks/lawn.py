@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from lightning_ext.callbacks.base import Technique
-from lightning_ext.callbacks.optimizer_injection import deepspeed_stage, inject_wrapper
+from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.optimizers.lawn import LAWN as LAWNOptimizer
 from lightning_ext.optimizers.lawn import check_lawn_arguments
+from lightning_ext.strategies.probe import strategy_info
 from lightning_ext.surgery import select_modules
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -57,7 +58,7 @@ class LAWN(Technique):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        zero = deepspeed_stage(trainer)
+        zero = strategy_info(trainer).zero_stage
         if zero:
             raise RuntimeError(f"LAWN under DeepSpeed ZeRO stage {zero} is not supported: the optimizer updates fp32 "
                                "master partitions, which would overwrite LAWN's re-scaled weights. Use DDP.")

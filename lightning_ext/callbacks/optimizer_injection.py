@@ -102,11 +102,3 @@ def inject_wrapper(pl_module: pl.LightningModule, tensors: list, make: Callable[
 
     inject(pl_module, wrap, owner)
 
-
-def deepspeed_stage(trainer: pl.Trainer) -> int | None:
-    """The ZeRO stage of a DeepSpeed strategy (``None`` for other strategies)."""
-    strategy = trainer.strategy
-    if "DeepSpeed" not in type(strategy).__name__:
-        return None
-    config = getattr(strategy, "config", None) or {}
-    return int(config.get("zero_optimization", {}).get("stage", 0))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_ext.callbacks.base import Technique
-from lightning_ext.nn.quest import DEFAULT_EXCLUDE, QuestInt, QuestLinear, apply_quest, convert_quest, _check_bits
+from lightning_ext.nn.quest import DEFAULT_EXCLUDE, QuestInt, QuestLinear, _check_bits, apply_quest, convert_quest
 
 __all__ = ["QuEST"]
 
