@@ -36,22 +36,10 @@ from torch import nn
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
-from lightning_ext.nn.onebit import INITS, OneBitLinear, OneBitPacked, distillation_loss
+from lightning_ext.nn.onebit import INITS, OneBitLinear, OneBitPacked, distillation_loss, export_packed, output_logits
 from lightning_ext.surgery import OUTPUT_HEADS, replace_modules, select_modules
 
 __all__ = ["OneBit"]
-
-
-
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict) and "logits" in output:
-        return output["logits"]
-    if hasattr(output, "logits"):
-        return output.logits
-    raise TypeError(f"OneBit distillation: cannot find logits in the model output of type {type(output).__name__} "
-                    "(return a tensor, a dict with 'logits', or an object with .logits)")
 
 
 class OneBit(Technique):
@@ -192,7 +180,7 @@ class OneBit(Technique):
                     raise RuntimeError("OneBit distillation: training_step did not call the distilled module "
                                        f"({'the LightningModule' if self.module is None else self.module!r}) with "
                                        "gradients on; call self(...) (or pass module=...)")
-                kd = distillation_loss(_logits(self._captured["output"]), _logits(teacher_out), list(student_hidden),
+                kd = distillation_loss(output_logits(self._captured["output"]), output_logits(teacher_out), list(student_hidden),
                                        list(teacher_hidden), self.kl_weight, self.mse_weight)
                 self._captured = {}
                 loss = output if isinstance(output, torch.Tensor) else output["loss"]
@@ -206,8 +194,4 @@ class OneBit(Technique):
     @staticmethod
     def export(model: nn.Module) -> dict[str, OneBitPacked]:
         """Pack every :class:`OneBitLinear` (8 signs per byte + g, h): same outputs, buffers only."""
-        names = [n for n, m in model.named_modules() if isinstance(m, OneBitLinear)]
-        if not names:
-            raise ValueError("OneBit.export: the model has no OneBitLinear layer")
-        return replace_modules(model, names, lambda _, old: old.export())
-
+        return export_packed(model)

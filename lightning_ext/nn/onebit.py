@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["OneBitLinear", "OneBitPacked", "distillation_loss", "pack_signs", "sign_pm1", "svid", "unpack_signs"]
+__all__ = ["OneBitLinear", "OneBitPacked", "distillation_loss", "export_packed", "output_logits", "pack_signs", "sign_pm1",
+           "svid", "unpack_signs"]
 
 INITS = ("svd", "nmf", "naive")
 
@@ -189,3 +190,25 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     for s, t in zip(student_hidden or [], teacher_hidden or []):
         mse = mse + (_row_normalized(s) - _row_normalized(t.detach())).pow(2).sum(-1).mean()
     return {"loss": kl_weight * kl + mse_weight * mse, "kl": kl.detach(), "mse": mse.detach()}
+
+
+def output_logits(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    raise TypeError(f"OneBit distillation: cannot find logits in the model output of type {type(output).__name__} "
+                    "(return a tensor, a dict with 'logits', or an object with .logits)")
+
+
+def export_packed(model: nn.Module) -> dict[str, OneBitPacked]:
+    """Replace every :class:`OneBitLinear` of ``model`` by its packed form (8 signs per byte + g, h): same outputs,
+    buffers only. Returns the new modules by name."""
+    from lightning_ext.surgery import replace_modules
+
+    names = [n for n, m in model.named_modules() if isinstance(m, OneBitLinear)]
+    if not names:
+        raise ValueError("OneBit.export: the model has no OneBitLinear layer")
+    return replace_modules(model, names, lambda _, old: old.export())

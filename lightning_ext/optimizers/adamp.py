@@ -40,6 +40,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+
 from lightning_ext.optimizers import _fused_cpu
 from lightning_ext.optimizers._base import PerTensorOptimizer, _bump_versions, _check, _use_foreach
 from lightning_ext.optimizers._projection import projection_coefficients
