@@ -15,13 +15,16 @@ manual optimization, and DeepSpeed (the engine steps the optimizer without a clo
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning.pytorch as pl
 
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.nn.pruning import batchnorm_modules
+from lightning_ext.optimizers.cram import CRAM_DEFAULTS as _D
 from lightning_ext.optimizers.cram import CrAM as CrAMOptimizer
-from lightning_ext.optimizers.cram import check_cram_arguments
+from lightning_ext.optimizers.cram import CrAMHyperparameters
 from lightning_ext.strategies.probe import strategy_info
 from lightning_ext.surgery import select_modules
 
@@ -44,17 +47,19 @@ class CrAM(Technique):
         seed: seed of the per-step sparsity draw.
     """
 
-    def __init__(self, rho: float = 0.05, sparsities: list[float] | None = None, compression: str = "topk",
-                 scope: str = "global", nm_patterns: list[list[int]] | None = None, plus: bool = True,
-                 sparse_grad: bool = True, grad_norm: bool = False, layers: list[str] | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, rho: float = _D.rho, sparsities: list[float] | None = None, compression: str = _D.compression,
+                 scope: str = _D.scope, nm_patterns: list[list[int]] | None = None, plus: bool = _D.plus,
+                 sparse_grad: bool = _D.sparse_grad, grad_norm: bool = _D.grad_norm, layers: list[str] | None = None,
+                 seed: int = _D.seed) -> None:
         super().__init__()
-        sparsities = [0.5, 0.7, 0.9] if sparsities is None else list(sparsities)
-        nm_patterns = [[2, 4], [4, 8]] if nm_patterns is None else [list(p) for p in nm_patterns]
-        check_cram_arguments(rho, sparsities, compression, scope, nm_patterns)
-        self.kwargs = dict(rho=rho, sparsities=sparsities, compression=compression, scope=scope,
-                           nm_patterns=[tuple(p) for p in nm_patterns], plus=plus, sparse_grad=sparse_grad,
-                           grad_norm=grad_norm, seed=seed)
+        hp = CrAMHyperparameters(rho, _D.sparsities if sparsities is None else sparsities, compression, scope,
+                                 _D.nm_patterns if nm_patterns is None else nm_patterns, plus, sparse_grad, grad_norm,
+                                 seed)
+        if layers is not None and (isinstance(layers, str) or not layers):
+            raise ValueError(f"layers must be a non-empty list of module names, or None for every matrix; got "
+                             f"{layers!r}")
+        self.kwargs = dataclasses.asdict(hp)
+        self.kwargs["sparsities"], self.kwargs["nm_patterns"] = list(hp.sparsities), list(hp.nm_patterns)
         self.layers = layers
         self.optimizers: list[CrAMOptimizer] = []
 

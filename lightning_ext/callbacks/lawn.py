@@ -19,7 +19,7 @@ from torch import nn
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.optimizers.lawn import LAWN as LAWNOptimizer
-from lightning_ext.optimizers.lawn import check_lawn_arguments
+from lightning_ext.optimizers.lawn import LAWN_DEFAULTS, LAWNHyperparameters
 from lightning_ext.strategies.probe import strategy_info
 from lightning_ext.surgery import select_modules
 
@@ -37,11 +37,11 @@ class LAWN(Technique):
         project_grad: tangent-project the constrained gradients before each constrained step.
     """
 
-    def __init__(self, free_steps: int, layers: list[str] | None = None, norm_scope: str = "layer",
-                 constraint: str = "sphere", project_grad: bool = False) -> None:
+    def __init__(self, free_steps: int, layers: list[str] | None = None, norm_scope: str = LAWN_DEFAULTS.norm_scope,
+                 constraint: str = LAWN_DEFAULTS.constraint, project_grad: bool = LAWN_DEFAULTS.project_grad) -> None:
         super().__init__()
-        check_lawn_arguments(free_steps, norm_scope, constraint)
-        if layers is not None and not layers:
+        LAWNHyperparameters(free_steps, norm_scope, constraint, project_grad)
+        if layers is not None and (isinstance(layers, str) or not layers):
             raise ValueError("layers: give module names, or None to pick the last Linear/conv layer")
         self.free_steps, self.layers, self.norm_scope = free_steps, layers, norm_scope
         self.constraint, self.project_grad = constraint, project_grad

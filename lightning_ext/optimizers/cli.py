@@ -36,6 +36,8 @@ from lightning_ext.optimizers import lawn as _lawn
 
 __all__ = ["LAWN", "CrAM", "build_base_optimizer"]
 
+_CD, _LD = _cram.CRAM_DEFAULTS, _lawn.LAWN_DEFAULTS  # the defaults are written once, there
+
 OptimizerCallable = Callable[[Iterable], Optimizer]
 
 
@@ -77,10 +79,11 @@ class LAWN(_lawn.LAWN):
     """
 
     def __init__(self, params: Iterable, optimizer: OptimizerCallable, free_steps: int, constrained_last: int = 1,
-                 norm_scope: str = "layer", constraint: str = "sphere", project_grad: bool = False) -> None:
-        if constrained_last < 1:
-            raise ValueError(f"constrained_last must be >= 1, got {constrained_last}")
-        _lawn.check_lawn_arguments(free_steps, norm_scope, constraint)
+                 norm_scope: str = _LD.norm_scope, constraint: str = _LD.constraint,
+                 project_grad: bool = _LD.project_grad) -> None:
+        if not isinstance(constrained_last, int) or isinstance(constrained_last, bool) or constrained_last < 1:
+            raise ValueError(f"constrained_last must be an int >= 1, got {constrained_last!r}")
+        _lawn.LAWNHyperparameters(free_steps, norm_scope, constraint, project_grad)  # refuse before building
         base = build_base_optimizer(params, optimizer)
         matrices = _matrices(base)
         if len(matrices) < constrained_last:
@@ -103,11 +106,13 @@ class CrAM(_cram.CrAM):
             :class:`lightning_ext.optimizers.CrAM`.
     """
 
-    def __init__(self, params: Iterable, optimizer: OptimizerCallable, rho: float = 0.05,
-                 sparsities: Sequence[float] = (0.5, 0.7, 0.9), compression: str = "topk", scope: str = "global",
-                 nm_patterns: Sequence[tuple[int, int]] = ((2, 4), (4, 8)), plus: bool = True,
-                 sparse_grad: bool = True, grad_norm: bool = False, seed: int = 0) -> None:
-        _cram.check_cram_arguments(rho, sparsities, compression, scope, nm_patterns)
+    def __init__(self, params: Iterable, optimizer: OptimizerCallable, rho: float = _CD.rho,
+                 sparsities: Sequence[float] = _CD.sparsities, compression: str = _CD.compression,
+                 scope: str = _CD.scope, nm_patterns: Sequence[tuple[int, int]] = _CD.nm_patterns,
+                 plus: bool = _CD.plus, sparse_grad: bool = _CD.sparse_grad, grad_norm: bool = _CD.grad_norm,
+                 seed: int = _CD.seed) -> None:
+        _cram.CrAMHyperparameters(rho, sparsities, compression, scope, nm_patterns, plus, sparse_grad, grad_norm,
+                                  seed)  # refuse before building the base optimizer
         base = build_base_optimizer(params, optimizer)
         super().__init__(base, rho=rho, sparsities=sparsities, compression=compression, scope=scope,
                          nm_patterns=nm_patterns, plus=plus, sparse_grad=sparse_grad, grad_norm=grad_norm, seed=seed)

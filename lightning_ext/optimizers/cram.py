@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,24 +50,61 @@ from torch.optim import Optimizer
 from lightning_ext.nn.pruning import batchnorm_modules, frozen_batchnorm_stats, nm_mask, topk_masks
 from lightning_ext.optimizers._wrapper import WrapperOptimizer
 
-__all__ = ["CrAM"]
+__all__ = ["CRAM_DEFAULTS", "CrAM", "CrAMHyperparameters"]
 
 COMPRESSIONS = ("topk", "nm")
+SCOPES = ("global", "layer")
 
 
-def check_cram_arguments(rho: float, sparsities: Sequence[float], compression: str, scope: str,
-                         nm_patterns: Sequence[Sequence[int]]) -> None:
-    """Shared by the optimizer and the callback: name the argument and its valid values."""
-    if rho < 0:
-        raise ValueError(f"rho must be >= 0, got {rho}")
-    if not sparsities or any(not 0.0 <= s < 1.0 for s in sparsities):
-        raise ValueError(f"sparsities must be a non-empty list of values in [0, 1), got {list(sparsities)}")
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    if not nm_patterns or any(len(p) != 2 or not 0 < p[0] <= p[1] for p in nm_patterns):
-        raise ValueError(f"nm_patterns must be (N, M) pairs with 0 < N <= M, got {list(nm_patterns)}")
+@dataclass(frozen=True)
+class CrAMHyperparameters:
+    """CrAM's hyper-parameters and their validation, written once: the optimizer (:class:`CrAM`), its
+    LightningCLI form (:class:`lightning_ext.optimizers.cli.CrAM`) and the callback
+    (:class:`lightning_ext.callbacks.CrAM`) take their defaults from :data:`CRAM_DEFAULTS` and validate by
+    building one. Sequences are stored as tuples."""
+
+    rho: float = 0.05
+    sparsities: tuple[float, ...] = (0.5, 0.7, 0.9)
+    compression: str = "topk"
+    scope: str = "global"
+    nm_patterns: tuple[tuple[int, int], ...] = ((2, 4), (4, 8))
+    plus: bool = True
+    sparse_grad: bool = True
+    grad_norm: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not self.rho >= 0:
+            raise ValueError(f"rho must be a number >= 0, got {self.rho!r}")
+        sparsities = _as_tuple(self.sparsities, "sparsities")
+        if not sparsities or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0
+                                 for v in sparsities):
+            raise ValueError(f"sparsities must be a non-empty list of values in [0, 1), got {list(sparsities)}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        patterns = tuple(_as_tuple(p, "nm_patterns") for p in _as_tuple(self.nm_patterns, "nm_patterns"))
+        if not patterns or any(len(p) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in p)
+                               or not 0 < p[0] <= p[1] for p in patterns):
+            raise ValueError(f"nm_patterns must be (N, M) integer pairs with 0 < N <= M, got {list(patterns)}")
+        for name in ("plus", "sparse_grad", "grad_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        object.__setattr__(self, "sparsities", tuple(float(v) for v in sparsities))
+        object.__setattr__(self, "nm_patterns", patterns)
+
+
+def _as_tuple(value: object, name: str) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return tuple(value)
+
+
+CRAM_DEFAULTS = CrAMHyperparameters()
+_D = CRAM_DEFAULTS
 
 
 class CrAM(WrapperOptimizer):
@@ -90,10 +128,11 @@ class CrAM(WrapperOptimizer):
 
     def __init__(self, optimizer: Optimizer, model: nn.Module | None = None,
                  prunable: Iterable[torch.Tensor] | None = None, batchnorm: Iterable[nn.Module] | None = None,
-                 rho: float = 0.05, sparsities: Sequence[float] = (0.5, 0.7, 0.9), compression: str = "topk",
-                 scope: str = "global", nm_patterns: Sequence[tuple[int, int]] = ((2, 4), (4, 8)),
-                 plus: bool = True, sparse_grad: bool = True, grad_norm: bool = False, seed: int = 0) -> None:
-        check_cram_arguments(rho, sparsities, compression, scope, nm_patterns)
+                 rho: float = _D.rho, sparsities: Sequence[float] = _D.sparsities, compression: str = _D.compression,
+                 scope: str = _D.scope, nm_patterns: Sequence[tuple[int, int]] = _D.nm_patterns,
+                 plus: bool = _D.plus, sparse_grad: bool = _D.sparse_grad, grad_norm: bool = _D.grad_norm,
+                 seed: int = _D.seed) -> None:
+        hp = CrAMHyperparameters(rho, sparsities, compression, scope, nm_patterns, plus, sparse_grad, grad_norm, seed)
         super().__init__(optimizer)
         owned = [p for g in self.param_groups for p in g["params"]]
         if prunable is None:
@@ -106,9 +145,10 @@ class CrAM(WrapperOptimizer):
         if batchnorm is None:
             batchnorm = batchnorm_modules(model) if model is not None else []
         self.batchnorm = list(batchnorm)
-        self.rho, self.sparsities, self.compression, self.scope = rho, list(sparsities), compression, scope
-        self.nm_patterns = [tuple(p) for p in nm_patterns]
-        self.plus, self.sparse_grad, self.grad_norm, self.seed = plus, sparse_grad, grad_norm, seed
+        self.hyperparameters = hp
+        self.rho, self.sparsities, self.compression, self.scope = hp.rho, list(hp.sparsities), hp.compression, hp.scope
+        self.nm_patterns = list(hp.nm_patterns)
+        self.plus, self.sparse_grad, self.grad_norm, self.seed = hp.plus, hp.sparse_grad, hp.grad_norm, hp.seed
         self.last_sparsity: float | tuple[int, int] | None = None
         self._steps = 0
         self.set_group_counter("cram_step", 0)

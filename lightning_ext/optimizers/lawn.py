@@ -42,6 +42,7 @@ are no longer in the param groups (the callback refuses earlier, at setup).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch.optim import Optimizer
@@ -49,20 +50,36 @@ from torch.optim import Optimizer
 from lightning_ext.optimizers._sharding import _deepspeed_caller
 from lightning_ext.optimizers._wrapper import WrapperOptimizer, evaluate_closure
 
-__all__ = ["LAWN"]
+__all__ = ["LAWN", "LAWNHyperparameters", "LAWN_DEFAULTS"]
 
 NORM_SCOPES = ("layer", "row")
 CONSTRAINTS = ("sphere", "ball")
 
 
-def check_lawn_arguments(free_steps: int, norm_scope: str, constraint: str) -> None:
-    """Shared by the optimizer and the callback: name the argument and its valid values."""
-    if free_steps < 0:
-        raise ValueError(f"free_steps must be >= 0, got {free_steps}")
-    if norm_scope not in NORM_SCOPES:
-        raise ValueError(f"norm_scope must be one of {NORM_SCOPES}, got {norm_scope!r}")
-    if constraint not in CONSTRAINTS:
-        raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+@dataclass(frozen=True)
+class LAWNHyperparameters:
+    """LAWN's hyper-parameters and their validation, written once: the optimizer (:class:`LAWN`), its
+    LightningCLI form (:class:`lightning_ext.optimizers.cli.LAWN`) and the callback
+    (:class:`lightning_ext.callbacks.LAWN`) take their defaults from :data:`LAWN_DEFAULTS` and validate by
+    building one. ``free_steps`` has no default: how long the free phase lasts depends on the run."""
+
+    free_steps: int
+    norm_scope: str = "layer"
+    constraint: str = "sphere"
+    project_grad: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.free_steps, int) or isinstance(self.free_steps, bool) or self.free_steps < 0:
+            raise ValueError(f"free_steps must be an int >= 0, got {self.free_steps!r}")
+        if self.norm_scope not in NORM_SCOPES:
+            raise ValueError(f"norm_scope must be one of {NORM_SCOPES}, got {self.norm_scope!r}")
+        if self.constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {self.constraint!r}")
+        if not isinstance(self.project_grad, bool):
+            raise ValueError(f"project_grad must be True or False, got {self.project_grad!r}")
+
+
+LAWN_DEFAULTS = LAWNHyperparameters(free_steps=0)  # only the defaulted fields are read from it
 
 
 def _norms(w: torch.Tensor, scope: str) -> torch.Tensor:
@@ -85,10 +102,11 @@ class LAWN(WrapperOptimizer):
     """
 
     def __init__(self, optimizer: Optimizer, constrained: Iterable[torch.Tensor], free_steps: int,
-                 norm_scope: str = "layer", constraint: str = "sphere", project_grad: bool = False) -> None:
+                 norm_scope: str = LAWN_DEFAULTS.norm_scope, constraint: str = LAWN_DEFAULTS.constraint,
+                 project_grad: bool = LAWN_DEFAULTS.project_grad) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        check_lawn_arguments(free_steps, norm_scope, constraint)
+        self.hyperparameters = LAWNHyperparameters(free_steps, norm_scope, constraint, project_grad)
         self.constrained = list(constrained)
         if not self.constrained:
             raise ValueError("constrained: no tensors given")
