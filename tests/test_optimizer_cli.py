@@ -51,7 +51,7 @@ def test_python_form_accepts_a_callable_and_names_bad_input():
     with pytest.raises(ValueError, match=r"constrained_last=3, but the parameters hold only 2 .*\(8, 4\)"):
         optimizers_cli.LAWN(model.parameters(), lambda p: torch.optim.SGD(p, lr=0.1), free_steps=3,
                             constrained_last=3)
-    with pytest.raises(ValueError, match="constrained_last must be >= 1"):
+    with pytest.raises(ValueError, match="constrained_last must be an int >= 1, got 0"):
         optimizers_cli.LAWN(model.parameters(), lambda p: torch.optim.SGD(p, lr=0.1), free_steps=3,
                             constrained_last=0)
     with pytest.raises(TypeError, match="not an instance"):
