@@ -218,7 +218,7 @@ def test_threshold_search_keeps_the_largest_passing_prune():
 def test_refusals_name_the_problem():
     with pytest.raises(ValueError, match="l1_on must be one of"):
         CLNP(l1_on="grads")
-    with pytest.raises(ValueError, match="margin must be in"):
+    with pytest.raises(ValueError, match=r"margin must be a number in \[0.0, 1.0\]"):
         CLNP(margin=2.0)
     bn = ContinualMLP(hidden=[8])
     bn.net.insert(1, nn.BatchNorm1d(8))

@@ -42,6 +42,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_ext._checks import check_choice, check_int, check_names, check_number, check_str
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
@@ -77,16 +78,15 @@ class CLNP(Technique):
                  l1: float = 1e-3, l1_on: str = "activations", margin: float = 0.015, seed: int = 0,
                  checkpoint_dir: str | None = None, reuse_threshold: float = 0.05) -> None:
         super().__init__()
-        if l1 < 0:
-            raise ValueError(f"l1 must be >= 0, got {l1}")
-        if l1_on not in L1_MODES:
-            raise ValueError(f"l1_on must be one of {L1_MODES}, got {l1_on!r}")
-        if not 0.0 <= margin <= 1.0:
-            raise ValueError(f"margin must be in [0, 1], got {margin}")
-        if task is not None and task < 0:
-            raise ValueError(f"task must be >= 0, got {task}")
-        if reuse_threshold < 0:
-            raise ValueError(f"reuse_threshold must be >= 0, got {reuse_threshold}")
+        check_names("layers", layers, optional=True)
+        check_str("heads", heads)
+        check_int("task", task, 0, optional=True)
+        check_number("l1", l1, 0.0)
+        check_choice("l1_on", l1_on, L1_MODES)
+        check_number("margin", margin, 0.0, 1.0)
+        check_int("seed", seed, 0)
+        check_str("checkpoint_dir", checkpoint_dir, optional=True)
+        check_number("reuse_threshold", reuse_threshold, 0.0)
         self.layer_names, self.heads_name, self.task = layers, heads, task
         self.l1, self.l1_on, self.margin, self.seed = l1, l1_on, margin, seed
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None

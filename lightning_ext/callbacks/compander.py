@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_ext._checks import check_bool, check_int, check_names, check_number, check_str
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import inject
 from lightning_ext.nn.compander import DEFAULT_TYPES, apply_compander, compander_parameters, remove_compander
@@ -58,10 +59,15 @@ class WeightCompander(Technique):
                  hyper_lr: float | None = None, hyper_weight_decay: float = 0.0, log_every: int = 50,
                  remove_on_fit_end: bool = False) -> None:
         super().__init__()
-        if hyper_lr is not None and not hyper_lr > 0:
-            raise ValueError(f"hyper_lr must be > 0 or None, got {hyper_lr}")
-        if hyper_weight_decay < 0 or log_every < 0:
-            raise ValueError(f"hyper_weight_decay and log_every must be >= 0, got {hyper_weight_decay}, {log_every}")
+        check_names("targets", targets, optional=True)
+        check_names("types", types, optional=True)
+        check_names("exclude", exclude, optional=True, allow_empty=True)
+        check_str("compander", compander)
+        check_bool("per_layer", per_layer)
+        check_number("hyper_lr", hyper_lr, 0.0, low_open=True, optional=True)
+        check_number("hyper_weight_decay", hyper_weight_decay, 0.0)
+        check_int("log_every", log_every, 0)
+        check_bool("remove_on_fit_end", remove_on_fit_end)
         from lightning_ext.nn.compander import _resolve
 
         _resolve(compander)  # fail at construction on a bad class path

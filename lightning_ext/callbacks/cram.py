@@ -19,6 +19,7 @@ import dataclasses
 
 import lightning.pytorch as pl
 
+from lightning_ext._checks import check_names
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.nn.pruning import batchnorm_modules
@@ -55,9 +56,9 @@ class CrAM(Technique):
         hp = CrAMHyperparameters(rho, _D.sparsities if sparsities is None else sparsities, compression, scope,
                                  _D.nm_patterns if nm_patterns is None else nm_patterns, plus, sparse_grad, grad_norm,
                                  seed)
-        if layers is not None and (isinstance(layers, str) or not layers):
-            raise ValueError(f"layers must be a non-empty list of module names, or None for every matrix; got "
-                             f"{layers!r}")
+        if isinstance(layers, str):
+            raise ValueError(f"layers must be a list of module names, or None for every matrix; got {layers!r}")
+        check_names("layers", layers, optional=True)
         self.kwargs = dataclasses.asdict(hp)
         self.kwargs["sparsities"], self.kwargs["nm_patterns"] = list(hp.sparsities), list(hp.nm_patterns)
         self.layers = layers

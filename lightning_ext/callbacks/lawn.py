@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_ext._checks import check_names
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.optimizers.lawn import LAWN as LAWNOptimizer
@@ -41,8 +42,10 @@ class LAWN(Technique):
                  constraint: str = LAWN_DEFAULTS.constraint, project_grad: bool = LAWN_DEFAULTS.project_grad) -> None:
         super().__init__()
         LAWNHyperparameters(free_steps, norm_scope, constraint, project_grad)
-        if layers is not None and (isinstance(layers, str) or not layers):
-            raise ValueError("layers: give module names, or None to pick the last Linear/conv layer")
+        if isinstance(layers, str):
+            raise ValueError(f"layers must be a list of module names, or None for the last Linear/conv layer; "
+                             f"got {layers!r}")
+        check_names("layers", layers, optional=True)
         self.free_steps, self.layers, self.norm_scope = free_steps, layers, norm_scope
         self.constraint, self.project_grad = constraint, project_grad
         self.optimizers: list[LAWNOptimizer] = []

@@ -33,6 +33,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_ext._checks import check_bool, check_choice, check_names, check_number, check_str
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
@@ -65,13 +66,17 @@ class OneBit(Technique):
                  kl_weight: float = 1.0, mse_weight: float = 1.0, ce_weight: float = 0.0,
                  hidden_modules: str | list[str] | None = None) -> None:
         super().__init__()
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if not latent_scale > 0:
-            raise ValueError(f"latent_scale must be > 0, got {latent_scale}")
+        check_names("targets", targets, optional=True)
+        check_names("exclude", exclude, optional=True, allow_empty=True)
+        check_choice("init", init, INITS)
+        check_number("latent_scale", latent_scale, 0.0, low_open=True)
+        check_bool("layer_norm", layer_norm)
+        check_names("freeze", freeze, optional=True, allow_empty=True)
+        check_bool("distill", distill)
+        check_str("module", module, optional=True)
         for name, value in (("kl_weight", kl_weight), ("mse_weight", mse_weight), ("ce_weight", ce_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            check_number(name, value, 0.0)
+        check_names("hidden_modules", hidden_modules, optional=True)
         if distill and kl_weight == mse_weight == ce_weight == 0:
             raise ValueError("kl_weight, mse_weight and ce_weight are all 0: nothing to train on")
         self.targets, self.exclude, self.init, self.latent_scale = targets, exclude, init, latent_scale

@@ -25,8 +25,17 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_ext._checks import check_bool, check_int, check_names
 from lightning_ext.callbacks.base import Technique
-from lightning_ext.nn.quest import DEFAULT_EXCLUDE, QuestInt, QuestLinear, _check_bits, apply_quest, convert_quest
+from lightning_ext.nn.quest import (
+    DEFAULT_EXCLUDE,
+    QuestInt,
+    QuestLinear,
+    _check_bits,
+    apply_quest,
+    check_layer_args,
+    convert_quest,
+)
 
 __all__ = ["QuEST"]
 
@@ -55,13 +64,16 @@ class QuEST(Technique):
         super().__init__()
         _check_bits(bits, "bits")
         weight_bits = bits if weight_bits is None else weight_bits
-        act_bits = bits if act_bits is None else (None if act_bits == 16 else act_bits)
+        not_quantized = type(act_bits) is int and act_bits == 16
+        act_bits = bits if act_bits is None else (None if not_quantized else act_bits)
         _check_bits(weight_bits, "weight_bits")
-        _check_bits(act_bits, "act_bits (16 = not quantized)", allow_none=True)
-        if start_step < 0 or log_every < 0:
-            raise ValueError(f"start_step and log_every must be >= 0, got {start_step}, {log_every}")
-        if trust_scale is not None and not trust_scale > 0:
-            raise ValueError(f"trust_scale must be > 0 or None (straight-through), got {trust_scale}")
+        _check_bits(act_bits, "act_bits", allow_none=True, also=" or 16 (activations not quantized)")
+        check_layer_args(weight_bits, act_bits, trust_scale, block, hadamard, scale)
+        check_names("targets", targets, optional=True)
+        check_names("exclude", exclude, optional=True, allow_empty=True)
+        check_int("start_step", start_step, 0)
+        check_int("log_every", log_every, 0)
+        check_bool("convert_on_fit_end", convert_on_fit_end)
         self.layer_args = dict(weight_bits=weight_bits, act_bits=act_bits, trust_scale=trust_scale, block=block,
                                hadamard=hadamard, scale=scale)
         self.targets, self.exclude = targets, exclude

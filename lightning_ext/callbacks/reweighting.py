@@ -31,6 +31,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_ext._checks import check_bool, check_int, check_number, check_str
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
 from lightning_ext.losses import require_keys
@@ -57,15 +58,13 @@ class LossReweighting(Technique):
     def __init__(self, strategy: str = "linupper", r: float = 0.4, delta: float = 1.0, warmup_steps: int = 0,
                  warmup_r: float | None = None, log_diagnostics: bool = True) -> None:
         super().__init__()
+        check_str("strategy", strategy)
         self.strategy = resolve_strategy(strategy)
-        if not r > 0:
-            raise ValueError(f"r must be > 0, got {r}")
-        if not delta > 0:
-            raise ValueError(f"delta must be > 0, got {delta}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if warmup_r is not None and not warmup_r > 0:
-            raise ValueError(f"warmup_r must be > 0 (or None for uniform weights), got {warmup_r}")
+        check_number("r", r, 0.0, low_open=True)
+        check_number("delta", delta, 0.0, low_open=True)
+        check_int("warmup_steps", warmup_steps, 0)
+        check_number("warmup_r", warmup_r, 0.0, low_open=True, optional=True)  # None: uniform weights in warmup
+        check_bool("log_diagnostics", log_diagnostics)
         self.r, self.delta, self.warmup_steps, self.warmup_r = r, delta, warmup_steps, warmup_r
         self.log_diagnostics = log_diagnostics
         self._wrapped: tuple[pl.LightningModule, Callable] | None = None

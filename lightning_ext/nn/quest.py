@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_ext._checks import check_bool, check_choice, check_int, check_number
 from lightning_ext.nn.hadamard import block_hadamard
 from lightning_ext.surgery import OUTPUT_HEADS
 
@@ -39,11 +40,25 @@ ALPHA_STAR = {1: 0.79788, 2: 1.49353, 3: 2.05107, 4: 2.51393, 5: 2.91609, 6: 3.2
 SCALES = ("gaussian", "absmax")
 
 
-def _check_bits(bits: int | None, name: str, allow_none: bool = False) -> None:
+def _check_bits(bits: int | None, name: str, allow_none: bool = False, also: str = "") -> None:
     if bits is None and allow_none:
         return
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise ValueError(f"{name} must be an int in [1, 8]{' or None' if allow_none else ''}, got {bits!r}")
+        raise ValueError(f"{name} must be an int in [1, 8]{' or None' if allow_none else ''}{also}, got {bits!r}")
+
+
+def check_layer_args(weight_bits: int, act_bits: int | None, trust_scale: float | None, block: int,
+                     hadamard: bool, scale: str) -> None:
+    """The checks of :meth:`QuestLinear.from_linear`'s arguments, callable before any layer exists (the
+    callback's ``__init__``)."""
+    _check_bits(weight_bits, "weight_bits")
+    _check_bits(act_bits, "act_bits", allow_none=True)
+    check_number("trust_scale", trust_scale, 0.0, low_open=True, optional=True)
+    check_choice("scale", scale, SCALES)
+    check_bool("hadamard", hadamard)
+    check_int("block", block, 1)
+    if block & (block - 1):
+        raise ValueError(f"block must be a power of two, got {block}")
 
 
 def gaussian_grid_mse(alpha: float, bits: int, points: int = 400_001) -> float:
@@ -132,14 +147,7 @@ class QuestLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, weight_bits: int = 4, act_bits: int | None = 4,
                     trust_scale: float | None = 1.0, block: int = 128, hadamard: bool = True,
                     scale: str = "gaussian") -> QuestLinear:
-        _check_bits(weight_bits, "weight_bits")
-        _check_bits(act_bits, "act_bits", allow_none=True)
-        if trust_scale is not None and not trust_scale > 0:
-            raise ValueError(f"trust_scale must be > 0 or None (straight-through), got {trust_scale}")
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        if hadamard and (block < 1 or block & (block - 1)):
-            raise ValueError(f"block must be a power of two, got {block}")
+        check_layer_args(weight_bits, act_bits, trust_scale, block, hadamard, scale)
         if hadamard and linear.in_features % block:
             raise ValueError(f"in_features={linear.in_features} is not a multiple of the Hadamard block {block} "
                              "(QuEST rotates 128-wide blocks of the reduction dimension; exclude this layer or "

@@ -7,24 +7,29 @@ and for each param group gathers the parameters with gradients and their state l
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
+from lightning_ext._checks import check_bool
 from lightning_ext.optimizers._fused_cpu import check_fused_params
 from lightning_ext.optimizers._sharding import check_full_shapes, had_matrices
 from lightning_ext.optimizers._wrapper import evaluate_closure
 
 
-def _check(name: str, value: float, low: float, high: float = math.inf, low_open: bool = False,
-           high_open: bool = False) -> None:
-    bad = value < low or (low_open and value == low) or value > high or (high_open and value == high)
-    if bad:
-        lo, hi = ("(" if low_open else "[") + f"{low}", f"{high}" + (")" if high_open or high == math.inf else "]")
-        raise ValueError(f"{name} must be in {lo}, {hi}, got {value}")
+def _check_betas(betas: Any) -> None:
+    ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+    if not ok:
+        raise ValueError(f"betas must be a pair (beta1, beta2) of numbers in [0, 1), got {betas!r}")
+
+
+def _check_flags(**flags: Any) -> None:
+    """``nesterov``-style switches are True/False; ``foreach``/``fused`` also take None (torch.optim's default)."""
+    for name, value in flags.items():
+        check_bool(name, value, optional=name in ("foreach", "fused"))
 
 
 def _bump_versions(*tensor_lists: list[torch.Tensor]) -> None:

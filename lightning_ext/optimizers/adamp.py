@@ -41,8 +41,9 @@ from collections.abc import Iterable
 
 import torch
 
+from lightning_ext._checks import check_number
 from lightning_ext.optimizers import _fused_cpu
-from lightning_ext.optimizers._base import PerTensorOptimizer, _bump_versions, _check, _use_foreach
+from lightning_ext.optimizers._base import PerTensorOptimizer, _bump_versions, _check_betas, _check_flags, _use_foreach
 from lightning_ext.optimizers._projection import projection_coefficients
 
 __all__ = ["AdamP", "SGDP", "adamp", "sgdp"]
@@ -74,13 +75,13 @@ class AdamP(PerTensorOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1,
                  nesterov: bool = False, foreach: bool | None = None, fused: bool | None = None) -> None:
-        _check("lr", lr, 0.0, low_open=True)
-        _check("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        _check("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-        _check("eps", eps, 0.0)
-        _check("weight_decay", weight_decay, 0.0)
-        _check("delta", delta, 0.0)
-        _check("wd_ratio", wd_ratio, 0.0, 1.0)
+        check_number("lr", lr, 0.0, low_open=True)
+        _check_betas(betas)
+        check_number("eps", eps, 0.0)
+        check_number("weight_decay", weight_decay, 0.0)
+        check_number("delta", delta, 0.0)
+        check_number("wd_ratio", wd_ratio, 0.0, 1.0)
+        _check_flags(nesterov=nesterov, foreach=foreach, fused=fused)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
                         wd_ratio=wd_ratio, nesterov=nesterov, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
@@ -213,13 +214,14 @@ class SGDP(PerTensorOptimizer):
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, eps: float = 1e-8, delta: float = 0.1,
                  wd_ratio: float = 0.1, foreach: bool | None = None, fused: bool | None = None) -> None:
-        _check("lr", lr, 0.0, low_open=True)
-        _check("momentum", momentum, 0.0, 1.0, high_open=True)
-        _check("dampening", dampening, 0.0, 1.0)
-        _check("weight_decay", weight_decay, 0.0)
-        _check("eps", eps, 0.0)
-        _check("delta", delta, 0.0)
-        _check("wd_ratio", wd_ratio, 0.0, 1.0)
+        check_number("lr", lr, 0.0, low_open=True)
+        check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+        check_number("dampening", dampening, 0.0, 1.0)
+        check_number("weight_decay", weight_decay, 0.0)
+        check_number("eps", eps, 0.0)
+        check_number("delta", delta, 0.0)
+        check_number("wd_ratio", wd_ratio, 0.0, 1.0)
+        _check_flags(nesterov=nesterov, foreach=foreach, fused=fused)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, foreach=foreach, fused=fused)
         super().__init__(params, defaults)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lightning_ext._checks import check_int
 from lightning_ext.optimizers import cram as _cram
 from lightning_ext.optimizers import lawn as _lawn
 
@@ -81,8 +82,7 @@ class LAWN(_lawn.LAWN):
     def __init__(self, params: Iterable, optimizer: OptimizerCallable, free_steps: int, constrained_last: int = 1,
                  norm_scope: str = _LD.norm_scope, constraint: str = _LD.constraint,
                  project_grad: bool = _LD.project_grad) -> None:
-        if not isinstance(constrained_last, int) or isinstance(constrained_last, bool) or constrained_last < 1:
-            raise ValueError(f"constrained_last must be an int >= 1, got {constrained_last!r}")
+        check_int("constrained_last", constrained_last, 1)
         _lawn.LAWNHyperparameters(free_steps, norm_scope, constraint, project_grad)  # refuse before building
         base = build_base_optimizer(params, optimizer)
         matrices = _matrices(base)

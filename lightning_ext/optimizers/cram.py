@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_ext._checks import check_bool, check_choice, check_int, check_number
 from lightning_ext.nn.pruning import batchnorm_modules, frozen_batchnorm_stats, nm_mask, topk_masks
 from lightning_ext.optimizers._wrapper import WrapperOptimizer
 
@@ -74,25 +75,20 @@ class CrAMHyperparameters:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rho, (int, float)) or isinstance(self.rho, bool) or not self.rho >= 0:
-            raise ValueError(f"rho must be a number >= 0, got {self.rho!r}")
+        check_number("rho", self.rho, 0.0)
         sparsities = _as_tuple(self.sparsities, "sparsities")
         if not sparsities or any(not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0
                                  for v in sparsities):
             raise ValueError(f"sparsities must be a non-empty list of values in [0, 1), got {list(sparsities)}")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {self.compression!r}")
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        check_choice("compression", self.compression, COMPRESSIONS)
+        check_choice("scope", self.scope, SCOPES)
         patterns = tuple(_as_tuple(p, "nm_patterns") for p in _as_tuple(self.nm_patterns, "nm_patterns"))
         if not patterns or any(len(p) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in p)
                                or not 0 < p[0] <= p[1] for p in patterns):
             raise ValueError(f"nm_patterns must be (N, M) integer pairs with 0 < N <= M, got {list(patterns)}")
         for name in ("plus", "sparse_grad", "grad_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+            check_bool(name, getattr(self, name))
+        check_int("seed", self.seed, 0)
         object.__setattr__(self, "sparsities", tuple(float(v) for v in sparsities))
         object.__setattr__(self, "nm_patterns", patterns)
 

@@ -54,8 +54,9 @@ from collections.abc import Iterable
 
 import torch
 
+from lightning_ext._checks import check_choice, check_number
 from lightning_ext.optimizers import _fused_cpu
-from lightning_ext.optimizers._base import PerTensorOptimizer, _bump_versions, _check, _use_foreach
+from lightning_ext.optimizers._base import PerTensorOptimizer, _bump_versions, _check_betas, _check_flags, _use_foreach
 
 __all__ = ["FAdam", "fadam", "EPS_MODES"]
 
@@ -98,21 +99,19 @@ class FAdam(PerTensorOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.1, clip: float = 1.0, p: float = 0.5,
                  eps_mode: str = "v3", eps2: float | None = None, min_denominator: float = 1e-20,
                  dead_coord_wd: str = "mask", foreach: bool | None = None, fused: bool | None = None) -> None:
-        _check("lr", lr, 0.0, low_open=True)
-        _check("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        _check("betas[1]", betas[1], 0.0, 1.0, high_open=True)
-        _check("eps", eps, 0.0)
-        _check("weight_decay", weight_decay, 0.0)
-        _check("clip", clip, 0.0, low_open=True)
-        _check("p", p, 0.0, low_open=True)
-        _check("min_denominator", min_denominator, 0.0)
-        if eps_mode not in EPS_MODES:
-            raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
-        if dead_coord_wd not in DEAD_COORD_MODES:
-            raise ValueError(f"dead_coord_wd must be one of {DEAD_COORD_MODES}, got {dead_coord_wd!r}")
+        check_number("lr", lr, 0.0, low_open=True)
+        _check_betas(betas)
+        check_number("eps", eps, 0.0)
+        check_number("weight_decay", weight_decay, 0.0)
+        check_number("clip", clip, 0.0, low_open=True)
+        check_number("p", p, 0.0, low_open=True)
+        check_number("min_denominator", min_denominator, 0.0)
+        check_choice("eps_mode", eps_mode, EPS_MODES)
+        check_choice("dead_coord_wd", dead_coord_wd, DEAD_COORD_MODES)
+        _check_flags(foreach=foreach, fused=fused)
         if eps2 is None:
             eps2 = _DEFAULT_EPS2.get(eps_mode, 0.0)
-        _check("eps2", eps2, 0.0)
+        check_number("eps2", eps2, 0.0)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, clip=clip, p=p,
                         eps_mode=eps_mode, eps2=eps2, min_denominator=min_denominator,
                         dead_coord_wd=dead_coord_wd, foreach=foreach, fused=fused)

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
+from lightning_ext._checks import check_bool, check_choice, check_int
 from lightning_ext.optimizers._sharding import _deepspeed_caller
 from lightning_ext.optimizers._wrapper import WrapperOptimizer, evaluate_closure
 
@@ -69,14 +70,10 @@ class LAWNHyperparameters:
     project_grad: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.free_steps, int) or isinstance(self.free_steps, bool) or self.free_steps < 0:
-            raise ValueError(f"free_steps must be an int >= 0, got {self.free_steps!r}")
-        if self.norm_scope not in NORM_SCOPES:
-            raise ValueError(f"norm_scope must be one of {NORM_SCOPES}, got {self.norm_scope!r}")
-        if self.constraint not in CONSTRAINTS:
-            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {self.constraint!r}")
-        if not isinstance(self.project_grad, bool):
-            raise ValueError(f"project_grad must be True or False, got {self.project_grad!r}")
+        check_int("free_steps", self.free_steps, 0)
+        check_choice("norm_scope", self.norm_scope, NORM_SCOPES)
+        check_choice("constraint", self.constraint, CONSTRAINTS)
+        check_bool("project_grad", self.project_grad)
 
 
 LAWN_DEFAULTS = LAWNHyperparameters(free_steps=0)  # only the defaulted fields are read from it

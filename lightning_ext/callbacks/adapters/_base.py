@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_ext._bnb_compat import keep_training_layout
+from lightning_ext._checks import check_names, check_str
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.manifest import load_checkpoint_dict, saved_callback_state
@@ -90,8 +91,9 @@ class PeftAdapter(Technique):
     def __init__(self, target_modules: str | list[str], attr: str | None = None,
                  modules_to_save: list[str] | None = None) -> None:
         super().__init__()
-        if not target_modules:
-            raise ValueError("target_modules must name at least one module (peft's patterns)")
+        check_names("target_modules", target_modules)
+        check_str("attr", attr, optional=True)
+        check_names("modules_to_save", modules_to_save, optional=True)
         if not isinstance(target_modules, str):  # a regex string, else a list (a tuple default is not YAML/peft)
             target_modules = list(target_modules)
         self.target_modules, self.attr, self.modules_to_save = target_modules, attr, modules_to_save

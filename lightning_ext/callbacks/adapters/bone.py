@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_ext._checks import check_choice, check_int, check_number
 from lightning_ext.callbacks.adapters._base import PeftAdapter, quantized_targets
 from lightning_ext.strategies.probe import strategy_info
 from lightning_ext.surgery import SurgeryError, select_modules
@@ -38,10 +39,10 @@ class Bone(PeftAdapter):
                  mini_r: int = 1, dropout: float = 0.0, attr: str | None = None,
                  modules_to_save: list[str] | None = None) -> None:
         super().__init__(target_modules, attr, modules_to_save)
-        if mode not in BONE_MODES:
-            raise ValueError(f"mode must be one of {list(BONE_MODES)}, got {mode!r}")
-        if r < 1 or mini_r < 1 or not 0 <= dropout < 1:
-            raise ValueError(f"need r >= 1, mini_r >= 1, 0 <= dropout < 1; got {r}, {mini_r}, {dropout}")
+        check_choice("mode", mode, BONE_MODES)
+        check_int("r", r, 1)
+        check_int("mini_r", mini_r, 1)
+        check_number("dropout", dropout, 0.0, 1.0, high_open=True)
         self.r, self.mode, self.mini_r, self.dropout = r, mode, mini_r, dropout
 
     def check_strategy(self, trainer: pl.Trainer) -> None:

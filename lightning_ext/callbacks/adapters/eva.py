@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
+from lightning_ext._checks import check_bool, check_choice, check_int, check_number
 from lightning_ext.callbacks.adapters._base import calibration_batches
 from lightning_ext.callbacks.adapters.lora import LoRA
 
@@ -38,12 +39,11 @@ class EVA(LoRA):
                  calibration_dataloader: Iterable | None = None, calibration_batches: int | None = 8,
                  dropout: float = 0.0, attr: str | None = None, modules_to_save: list[str] | None = None) -> None:
         super().__init__(r, alpha, target_modules, dropout, attr, modules_to_save)
-        if rho < 1 or not 0 <= tau <= 1:
-            raise ValueError(f"need rho >= 1 and 0 <= tau <= 1; got rho={rho}, tau={tau}")
-        if use_label_mask not in (True, False, "auto"):
-            raise ValueError(f"use_label_mask must be True, False or 'auto', got {use_label_mask!r}")
-        if calibration_batches is not None and calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be >= 1 or None, got {calibration_batches}")
+        check_number("rho", rho, 1.0)
+        check_number("tau", tau, 0.0, 1.0)
+        check_bool("whiten", whiten)
+        check_choice("use_label_mask", use_label_mask, (True, False, "auto"))
+        check_int("calibration_batches", calibration_batches, 1, optional=True)
         self.rho, self.tau, self.whiten, self.use_label_mask = rho, tau, whiten, use_label_mask
         self.calibration_dataloader, self.n_calibration = calibration_dataloader, calibration_batches
 

@@ -11,6 +11,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
+from lightning_ext._checks import check_choice, check_int, check_number
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.adapters._base import adapter_attribute, calibration_batches, quantized_targets
 from lightning_ext.callbacks.adapters.lora import LoRA
@@ -41,17 +42,19 @@ class GoRA(LoRA):
                  seed: int = 0, dropout: float = 0.0, attr: str | None = None,
                  modules_to_save: list[str] | None = None) -> None:
         super().__init__(r, alpha, target_modules, dropout, attr, modules_to_save, use_rslora=True)
+        check_int("r_min", r_min, 1, optional=True)
+        check_int("r_max", r_max, 1, optional=True)
+        check_number("gamma", gamma, 0.0, low_open=True)
+        check_choice("sign", sign, (-1, 1))
+        check_int("calibration_steps", calibration_steps, 1)
+        check_int("seed", seed, 0)
         self.r_min = max(1, r // 2) if r_min is None else r_min
         self.r_max = 4 * r if r_max is None else r_max
         if not 1 <= self.r_min <= r <= self.r_max:
             raise ValueError(f"need 1 <= r_min <= r <= r_max, got r_min={self.r_min}, r={r}, r_max={self.r_max}")
-        if sign not in (-1, 1) or not gamma > 0 or calibration_steps < 1:
-            raise ValueError(f"need sign in (-1, +1), gamma > 0, calibration_steps >= 1; got {sign}, {gamma}, "
-                             f"{calibration_steps}")
         from lightning_ext.nn.gora import ROUNDINGS
 
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
+        check_choice("rounding", rounding, ROUNDINGS)
         self.gamma, self.sign, self.rounding, self.seed = gamma, sign, rounding, seed
         self.calibration_steps, self.calibration_dataloader = calibration_steps, calibration_dataloader
         self._grads: dict[str, torch.Tensor] = {}

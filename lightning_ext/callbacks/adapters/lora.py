@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_ext._checks import check_bool, check_int, check_number
 from lightning_ext.callbacks.adapters._base import PeftAdapter
 
 __all__ = ["LoRA"]
@@ -26,8 +27,10 @@ class LoRA(PeftAdapter):
                  dropout: float = 0.0, attr: str | None = None, modules_to_save: list[str] | None = None,
                  use_rslora: bool = False) -> None:
         super().__init__(target_modules, attr, modules_to_save)
-        if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
-            raise ValueError(f"need r >= 1, alpha > 0, 0 <= dropout < 1; got r={r}, alpha={alpha}, dropout={dropout}")
+        check_int("r", r, 1)
+        check_number("alpha", alpha, 0.0, low_open=True)
+        check_number("dropout", dropout, 0.0, 1.0, high_open=True)
+        check_bool("use_rslora", use_rslora)
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
 
     def lora_kwargs(self) -> dict[str, Any]:

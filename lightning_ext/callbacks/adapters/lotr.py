@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
+from lightning_ext._checks import check_int, check_number
 from lightning_ext.callbacks.adapters._base import PeftAdapter
 
 __all__ = ["LoTR"]
@@ -27,8 +28,9 @@ class LoTR(PeftAdapter):
     def __init__(self, r: int = 16, alpha: float = 1.0, target_modules: str | list[str] = ("query", "value"),
                  init_std: float = 1.0, attr: str | None = None, modules_to_save: list[str] | None = None) -> None:
         super().__init__(target_modules, attr, modules_to_save)
-        if r < 1 or not alpha > 0 or not init_std > 0:
-            raise ValueError(f"need r >= 1, alpha > 0, init_std > 0; got r={r}, alpha={alpha}, init_std={init_std}")
+        check_int("r", r, 1)
+        check_number("alpha", alpha, 0.0, low_open=True)
+        check_number("init_std", init_std, 0.0, low_open=True)
         self.r, self.alpha, self.init_std = r, alpha, init_std
 
     def build_config(self, model: nn.Module, saved: dict[str, Any] | None) -> Any:
