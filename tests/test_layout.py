@@ -47,3 +47,40 @@ def test_no_file_the_tests_read_is_ignored_by_git():
              if p.is_file() and "__pycache__" not in p.parts]
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], check=False, cwd=root, capture_output=True, text=True)
     assert ignored.stdout.split() == [], f"ignored by .gitignore, so absent from a clone: {ignored.stdout.split()}"
+
+
+def _room_imports() -> dict[str, set[str]]:
+    """Which top-level rooms of the package (``callbacks``, ``nn``, ``data``, ``losses``, ...) each room imports,
+    at any depth, including imports inside functions (a lazy import is still a dependency)."""
+    import ast
+
+    package = Path(__file__).parent.parent / "lightning_ext"
+    edges: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).with_suffix("").parts
+        here = parts[0] if parts[0] != "__init__" else "__init__"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lightning_ext."):
+                there = node.module.split(".")[1]
+                if there != here:
+                    edges.setdefault(here, set()).add(there)
+    return edges
+
+
+def test_the_rooms_of_the_package_import_each_other_without_a_cycle():
+    """A newcomer reads a room without first reading the room that reads it: data and models, callbacks and nn,
+    optimizers and callbacks never import each other both ways."""
+    edges = _room_imports()
+    assert "callbacks" in edges and "nn" in edges["callbacks"]  # the walk sees the imports
+
+    def cycle_from(node, path):
+        for nxt in sorted(edges.get(node, ())):
+            if nxt in path:
+                return [*path[path.index(nxt):], nxt]
+            found = cycle_from(nxt, [*path, nxt])
+            if found:
+                return found
+        return None
+
+    cycles = [c for c in (cycle_from(room, [room]) for room in sorted(edges)) if c]
+    assert cycles == [], f"import cycles between rooms: {cycles}"

