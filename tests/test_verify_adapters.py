@@ -1,4 +1,4 @@
-"""Adapters on the pretrained MiniLM over tweets, paired seeds (examples/verify_adapters.py holds the full run).
+"""Adapters on the pretrained MiniLM over tweets, paired seeds (lightning_ext/claims/adapters.py holds the full run).
 
 Full run (3 seeds, eval cross-entropy): LoRA 0.597 / 0.510 / 0.575, EVA 0.565 / 0.515 / 0.571, GoRA 0.452 / 0.444
 / 0.550 (≤ LoRA's parameter count), LoTR 0.585 / 0.517 / 0.592 at half the parameters. Asserted: the robust part — GoRA below LoRA on every seed and by > 0.03 on
@@ -9,18 +9,15 @@ worse than LoRA by more than 0.02" is asserted for it; LoTR within 0.03 of LoRA 
 from __future__ import annotations
 
 import statistics
-import sys
 
 import pytest
 
-from cli_utils import ROOT
 
-sys.path.insert(0, str(ROOT / "examples"))
 
 
 @pytest.mark.slow
 def test_gora_beats_lora_at_no_more_parameters_and_eva_is_not_worse():
-    from verify_adapters import run
+    from lightning_ext.claims.adapters import run
 
     results = {m: [run(m, seed) for seed in range(3)] for m in ("lora", "gora", "eva", "lotr")}
     lora, gora, eva = ([r["eval_loss"] for r in results[m]] for m in ("lora", "gora", "eva"))

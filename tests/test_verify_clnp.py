@@ -1,19 +1,16 @@
-"""CLNP's claim on split digits (examples/verify_clnp.py holds the full run)."""
+"""CLNP's claim on split digits (lightning_ext/claims/clnp.py holds the full run)."""
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 
-from cli_utils import ROOT
 
-sys.path.insert(0, str(ROOT / "examples"))
 
 
 @pytest.mark.slow
 def test_clnp_never_forgets_and_sparsity_keeps_capacity():
-    from verify_clnp import run
+    from lightning_ext.claims.clnp import run
 
     clnp, naive = run("CLNP", seed=0), run("naive", seed=0)
     assert clnp["identical"] and all(clnp["identical"])  # every old head bit-identical after every later task

@@ -1,19 +1,16 @@
-"""OneBit's claim (examples/verify_onebit.py: teacher 0.4070 acc; naive 1-bit 56.2 %; OneBit+KD 97.3 % of FP)."""
+"""OneBit's claim (lightning_ext/claims/onebit.py: teacher 0.4070 acc; naive 1-bit 56.2 %; OneBit+KD 97.3 % of FP)."""
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 
-from cli_utils import ROOT
 
-sys.path.insert(0, str(ROOT / "examples"))
 
 
 @pytest.mark.slow
 def test_onebit_distillation_recovers_most_of_fp_quality_where_naive_1bit_collapses():
-    from verify_onebit import run
+    from lightning_ext.claims.onebit import run
 
     rows = run(seed=0)
     fp = rows["FP32 teacher"][1]

@@ -1,20 +1,17 @@
-"""Paper claims of the optimizers, on paired seeds (examples/verify_*.py hold the full runs)."""
+"""Paper claims of the optimizers, on paired seeds (lightning_ext/claims/ holds the full runs)."""
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 
-from cli_utils import ROOT
 
-sys.path.insert(0, str(ROOT / "examples"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_adamp_stops_norm_growth_of_scale_invariant_weights(seed):
-    from verify_adamp import run
+    from lightning_ext.claims.adamp import run
 
     adamw, adamp = run("AdamW", seed), run("AdamP", seed)
     for layer in ("w1_ratio", "w2_ratio"):
@@ -27,7 +24,7 @@ def test_adamp_stops_norm_growth_of_scale_invariant_weights(seed):
 @pytest.mark.slow
 def test_cram_plus_survives_one_shot_pruning_that_breaks_sgd():
     """Paired seed, BN network + BN re-calibration (the spec's robust setting)."""
-    from verify_cram import train
+    from lightning_ext.claims.cram import train
 
     sgd = train("SGD", seed=0, bn=True, epochs=30, rho=0.1)
     cram = train("CrAM+", seed=0, bn=True, epochs=30, rho=0.1)

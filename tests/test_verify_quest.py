@@ -1,14 +1,11 @@
-"""QuEST's claims on a paired seed (examples/verify_quest.py holds the full run and its table)."""
+"""QuEST's claims on a paired seed (lightning_ext/claims/quest.py holds the full run and its table)."""
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 
-from cli_utils import ROOT
 
-sys.path.insert(0, str(ROOT / "examples"))
 
 
 @pytest.mark.slow
@@ -16,7 +13,7 @@ def test_w4a4_near_full_precision_and_w1a1_quest_beats_absmax_ste():
     """Robust parts (full run: W4A4 +0.020 bpc, W1A1 QuEST 0.22 bpc better than absmax-STE, 2 seeds x 500
     steps): W4A4 within 0.04 bpc of FP32 and W1A1 QuEST at least 0.1 bpc below absmax-STE; switching QuEST's
     pieces off (the absmax-STE setting) is what loses."""
-    from verify_quest import run
+    from lightning_ext.claims.quest import run
 
     r = run(seeds=1, steps=400, settings=["FP32", "W4A4 QuEST", "W1A1 QuEST", "W1A1 absmax-STE"])
     fp, w4, w1, w1_absmax = (r[k][0] for k in ("FP32", "W4A4 QuEST", "W1A1 QuEST", "W1A1 absmax-STE"))

@@ -1,22 +1,19 @@
-"""Loss reweighting's claim on paired seeds (examples/verify_reweighting.py holds the full run)."""
+"""Loss reweighting's claim on paired seeds (lightning_ext/claims/reweighting.py holds the full run)."""
 
 from __future__ import annotations
 
 import statistics
-import sys
 
 import pytest
 
-from cli_utils import ROOT
 
-sys.path.insert(0, str(ROOT / "examples"))
 
 
 @pytest.mark.slow
 def test_linupper_moves_weight_off_the_redundant_half_and_beats_uniform():
     """The spec's robust parts: weight mass (LinUpper < 0.35, Extremes > 0.5) and the paired-seed mean
     held-out bpc ordering LinUpper < uniform < Extremes (seed spread ~0.06 bpc; effects 2-4 %)."""
-    from verify_reweighting import corpora, run
+    from lightning_ext.claims.reweighting import corpora, run
 
     data = corpora()
     results = {s: [run(s, seed, data) for seed in (0, 1)] for s in ("uniform", "linupper", "extremes")}

@@ -1,6 +1,6 @@
 """LAWN's mechanism, reproduced: a bounded head norm keeps the logits (and the loss) from collapsing.
 
-    python examples/verify_lawn.py [--seeds 2] [--steps 600] [--free-steps 60]
+    python -m lightning_ext.claims.lawn [--seeds 2] [--steps 600] [--free-steps 60]
 
 Digits, BN-MLP 64-256-256-10 with a bias-free head (the final homogeneous sub-network), full-batch
 Adam (lr 1e-3: the large-batch regime where the paper reports its gains), with and without LAWN on

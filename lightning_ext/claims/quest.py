@@ -2,7 +2,7 @@
 W4A4 QuEST trains to within ~0.02 bits/char of full precision, and at 1 bit QuEST (Hadamard + Gaussian scale +
 trust) beats max-scaling with a straight-through estimator.
 
-    python examples/verify_quest.py [--seeds 2] [--steps 500]
+    python -m lightning_ext.claims.quest [--seeds 2] [--steps 500]
 
 Model (spec qat.md §7.3): ``CharContextMLP`` — Embedding(128, 32) x 16 characters -> full-precision
 Linear(512 -> 256) -> 2 pre-norm residual blocks Linear(256 -> 512) -> GELU -> Linear(512 -> 256) (these four

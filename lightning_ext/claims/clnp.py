@@ -1,7 +1,7 @@
 """CLNP's claim, reproduced: zero forgetting by construction, with free capacity left for later tasks,
 against naive sequential fine-tuning (Golkar, Kagan, Cho 2019, arXiv 1903.04476).
 
-    python examples/verify_clnp.py [--epochs 60] [--seeds 2]
+    python -m lightning_ext.claims.clnp [--epochs 60] [--seeds 2]
 
 Split digits: five 2-class tasks {0,1}, ..., {8,9}, each class split 60/20/20 train/val/test. MLP
 64 -> 128 -> 128 (ReLU) with one 2-way head per task, Adam lr 3e-3, 60 epochs per task, batch 32; one

@@ -1,7 +1,7 @@
 """Loss reweighting's claim, reproduced: down-weighting low-loss (redundant) samples helps; up-weighting
 the extremes hurts (Sow et al., ICLR 2025, arXiv 2502.06733).
 
-    python examples/verify_reweighting.py [--seeds 2] [--steps 400]
+    python -m lightning_ext.claims.reweighting [--seeds 2] [--steps 400]
 
 Data, all on disk: every micro-batch holds 16 windows of 8 context + 32 predicted characters, half
 from a deliberately redundant domain (the standard library's ``encodings/cp*.py`` codec tables:

@@ -1,7 +1,7 @@
 """Weight compander's diagnostic, reproduced (Cakaj, Mehnert, Yang 2023, arXiv 2306.16993): companded training
 leaves fewer near-zero weights and smaller extreme weights than plain training at the same weight decay.
 
-    python examples/verify_compander.py [--seeds 3] [--epochs 100]
+    python -m lightning_ext.claims.compander [--seeds 3] [--epochs 100]
 
 Setup (spec optimizers.md §6.8): scikit-learn's digits, 400 training samples (seeded split; the other 1,397
 are the test set), MLP 64-512-512-10, AdamW lr 1e-3, weight decay 0.01, full-batch-ish mini-batches of 100,

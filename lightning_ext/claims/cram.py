@@ -1,7 +1,7 @@
 """CrAM's claim, reproduced: after CrAM+ training a one-shot magnitude prune keeps far more accuracy
 than the same prune after SGD — no retraining.
 
-    python examples/verify_cram.py [--seeds 2] [--bn]
+    python -m lightning_ext.claims.cram [--seeds 2] [--bn]
 
 Digits, MLP 64-256-256-10 (``--bn``: BatchNorm after each hidden Linear, then BatchNorm
 re-calibration on 512 training samples after pruning), SGD lr 0.05, momentum 0.9, wd 5e-4, cosine

@@ -1,7 +1,7 @@
 """OneBit's claim, reproduced (Xu et al., NeurIPS 2024): 1-bit weights (sign + two value vectors) recover most of
 the full-precision quality after a short distillation, where naive 1-bit conversion collapses.
 
-    python examples/verify_onebit.py [--seed 0] [--teacher-steps 800] [--student-steps 400]
+    python -m lightning_ext.claims.onebit [--seed 0] [--teacher-steps 800] [--student-steps 400]
 
 Data: next-character prediction over the standard library's source (16 characters of context). Teacher (spec
 qat.md §7.5): a *non-residual* ``CharContextMLP`` — Embedding(128, 32) x 16 -> FP Linear(512 -> 256) -> 4 x
@@ -21,11 +21,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from verify_quest import train_sampled  # the same sampled-batch AdamW loop
 
 from lightning_ext.data.stdlib_chars import stdlib_context_windows
 from lightning_ext.models import CharContextMLP
 from lightning_ext.nn.onebit import OneBitLinear, distillation_loss
-from verify_quest import train_sampled  # the same sampled-batch AdamW loop
 
 HIDDEN = [f"blocks.{i}.fc" for i in range(4)]
 
