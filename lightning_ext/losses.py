@@ -1,4 +1,4 @@
-"""The per-sample loss contract (DESIGN.md) and its helpers.
+"""The per-sample loss contract (docs/architecture.md) and its helpers.
 
 A ``training_step`` that wants loss-based techniques (sample reweighting, distillation)
 returns a dict::
