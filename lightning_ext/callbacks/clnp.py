@@ -48,6 +48,7 @@ from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
 from lightning_ext.nn.clnp import CLNPLinear, activity_l1
 from lightning_ext.nn.clnp_network import CLNPNetwork
+from lightning_ext.progress import setup_bar
 from lightning_ext.surgery import gathered_parameters
 
 __all__ = ["CLNP"]
@@ -199,7 +200,9 @@ class CLNP(Technique):
     def prune_and_commit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, task: int) -> dict[str, Any]:
         """Measure activity on validation data, search the threshold, allocate and freeze (task end)."""
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else trainer.val_dataloaders
-        record = self.network.prune_and_commit(pl_module, loader, task, self.margin, pl_module.device)
+        with setup_bar(trainer, f"CLNP task {task}: threshold search", unit="pass") as bar:
+            record = self.network.prune_and_commit(pl_module, loader, task, self.margin, pl_module.device,
+                                                   on_pass=bar.update)
         record["layers"] = self.capacity(task)
         self.state["history"].append(record)
         self.state["finished"] = task + 1

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 
 from lightning_ext._checks import check_names
 from lightning_ext.callbacks.base import Technique
+from lightning_ext.callbacks.optimizer_diagnostics import log_diagnostics
 from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.nn.pruning import batchnorm_modules
 from lightning_ext.optimizers.cram import CRAM_DEFAULTS as _D
@@ -98,9 +99,4 @@ class CrAM(Technique):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        for opt in self.optimizers:
-            level = opt.last_sparsity
-            if isinstance(level, float):
-                pl_module.log("cram/sparsity", level)
-            elif level is not None:
-                pl_module.log("cram/nm_n_over_m", level[0] / level[1])
+        log_diagnostics(pl_module, self.optimizers)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import warnings
 
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
 from lightning_ext._checks import check_names
 from lightning_ext.callbacks.base import Technique
+from lightning_ext.callbacks.optimizer_diagnostics import log_diagnostics
 from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.optimizers.lawn import LAWN as LAWNOptimizer
 from lightning_ext.optimizers.lawn import LAWN_DEFAULTS, LAWNHyperparameters
@@ -83,8 +83,4 @@ class LAWN(Technique):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        for opt in self.optimizers:
-            pl_module.log("lawn/constrained", float(not opt.in_free_phase))
-            radii = opt.radii()
-            if radii is not None:  # a tensor: Lightning reduces it without a host sync per step
-                pl_module.log("lawn/radius_mean", torch.stack([r.float().mean() for r in radii]).mean())
+        log_diagnostics(pl_module, self.optimizers)

@@ -10,6 +10,23 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_ext.data.sampler import ResumableSampler
 
 
+class _ResumableLoader(DataLoader):
+    """A DataLoader that tells Lightning it resumes mid-epoch (Lightning checks for ``state_dict`` /
+    ``load_state_dict``, and warns "your dataloader is not resumable" otherwise). The position lives in the
+    datamodule's state (restored before the loader is built), so the loader's own state is that position, for the
+    record, and loading it changes nothing."""
+
+    def __init__(self, *args, owner: ResumableDataModule, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._owner = owner
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._owner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # the datamodule's own state_dict carries the position
+
+
 class ResumableDataModule(pl.LightningDataModule):
     """Subclasses build ``self.train_set`` / ``self.val_set`` in ``setup``.
 
@@ -36,8 +53,8 @@ class ResumableDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # built from state_dict(): a reload (reload_dataloaders_every_n_epochs) continues where the old sampler was
         self._sampler = ResumableSampler(self.train_set, self.batch_size, seed=self.seed, **self.state_dict())
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self._sampler, drop_last=True,
-                          num_workers=self.num_workers)
+        return _ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=self._sampler, drop_last=True,
+                                num_workers=self.num_workers, owner=self)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

@@ -49,6 +49,8 @@ class CharLlama(pl.LightningModule):
                              tie_word_embeddings=False, attn_implementation="sdpa")
         self.model = LlamaForCausalLM(config)
         self.val_loss = MeanMetric()
+        # one sequence: the model summary counts FLOPs and shows in/out sizes from it (else a column of zeros)
+        self.example_input_array = torch.zeros(1, max_seq_len, dtype=torch.long)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits

@@ -11,7 +11,7 @@ logits (:class:`lightning_ext.models.ContinualMLP` does).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -101,7 +101,7 @@ class CLNPNetwork:
 
     @torch.no_grad()
     def prune_and_commit(self, model: nn.Module, loader: Iterable, task: int, margin: float,
-                         device: torch.device) -> dict[str, Any]:
+                         device: torch.device, on_pass: Callable[[], None] | None = None) -> dict[str, Any]:
         """Measure each candidate neuron's mean ReLU activity on ``loader``, keep the fewest whose validation
         accuracy stays within ``margin`` of the unpruned network, give them to ``task`` and freeze them with head
         ``task``; pruned neurons return to the free pool. Returns the accuracies and the threshold."""
@@ -129,6 +129,8 @@ class CLNPNetwork:
                     count[0] += len(y)
             for layer in self.layers:
                 layer.activity_hook = None
+            if on_pass is not None:  # one pass over the validation data done (a progress bar counts them)
+                on_pass()
             return correct / max(total, 1)
 
         full = accuracy(collect=True)

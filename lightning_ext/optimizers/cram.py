@@ -159,6 +159,14 @@ class CrAM(WrapperOptimizer):
             return [nm_mask(p, *level) for p in self.prunable]
         return list(topk_masks(self.prunable, level, self.scope))
 
+    def diagnostics(self) -> dict[str, float]:
+        """What a logger records each step: the sparsity drawn for the last step's perturbation
+        (``cram/sparsity``), or ``cram/nm_n_over_m`` for N:M compression; empty before the first step."""
+        level = self.last_sparsity
+        if level is None:
+            return {}
+        return {"cram/sparsity": level} if isinstance(level, float) else {"cram/nm_n_over_m": level[0] / level[1]}
+
     @torch.no_grad()
     def step(self, closure=None):
         if closure is None:

@@ -133,6 +133,14 @@ class LAWN(WrapperOptimizer):
         """The recorded radius of each constrained tensor (``None`` during the free phase)."""
         return self._radii
 
+    def diagnostics(self) -> dict[str, float | torch.Tensor]:
+        """What a logger records each step: ``lawn/constrained`` (0 in the free phase, then 1) and, once
+        constrained, ``lawn/radius_mean`` (a tensor: logging it costs no host sync)."""
+        out: dict[str, float | torch.Tensor] = {"lawn/constrained": float(not self.in_free_phase)}
+        if self._radii is not None:
+            out["lawn/radius_mean"] = torch.stack([r.float().mean() for r in self._radii]).mean()
+        return out
+
     def _check_not_flattened(self) -> None:
         known = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) not in known for p in self.constrained):

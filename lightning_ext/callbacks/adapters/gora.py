@@ -15,6 +15,7 @@ from lightning_ext._checks import check_choice, check_int, check_number
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.adapters._base import adapter_attribute, calibration_batches, quantized_targets
 from lightning_ext.callbacks.adapters.lora import LoRA
+from lightning_ext.progress import setup_progress
 from lightning_ext.surgery import select_modules
 
 __all__ = ["GoRA"]
@@ -90,7 +91,7 @@ class GoRA(LoRA):
         muted = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
         pl_module.__dict__.update(muted)
         try:
-            for i, batch in enumerate(batches):
+            for i, batch in enumerate(setup_progress(trainer, batches, "GoRA calibration", total=len(batches))):
                 out = pl_module.training_step(move_data_to_device(batch, device), i)
                 loss = out if isinstance(out, torch.Tensor) else out["loss"]
                 loss.backward()
