@@ -48,3 +48,45 @@ def projection_coefficients(w: torch.Tensor, g: torch.Tensor, d: torch.Tensor, d
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
     coef = torch.where(channel, coef_channel, torch.where(layer, coef_layer, zero))
     return coef.view([rows] + [1] * (w.dim() - 1)), channel | layer
+
+
+# -- on shards ------------------------------------------------------------------------------------------------
+#: the per-row sums AdamP's projection needs, in this order: |w|^2, |g|^2, <g, w>, <w, d>
+PROJECTION_STATS = 4
+
+
+def projection_partials(layout, w: torch.Tensor, g: torch.Tensor, d: torch.Tensor,
+                        row_index: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's ``[4, total_rows]`` partial row sums for :func:`sharded_projection_coefficients`, from its
+    flat local ``w``, ``g``, ``d`` (see :mod:`.shard_layout`). The ranks add them with one collective."""
+    from lightning_ext.optimizers.shard_layout import row_sums
+
+    return row_sums(layout, [w * w, g * g, g * w, w * d], row_index)
+
+
+def sharded_projection_coefficients(layout, stats: torch.Tensor, delta: float, eps: float,
+                                    row_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the *summed* row statistics, what :func:`projection_coefficients` gives per tensor: a coefficient per
+    local element (``d -= c * w``; 0 for 1-D parameters and padding) and a ``[n_params]`` boolean "projected" flag
+    (False for tensors with ``ndim < 2``, which are never tested). Both views' decisions use the full rows."""
+    w_sq, g_sq, gw, wd = stats
+    n = len(layout.shapes)
+    device = stats.device
+    param_of_row = layout.param_of_row(device)
+    per_param = torch.zeros(4, n, dtype=stats.dtype, device=device).index_add_(1, param_of_row, stats)
+    row_cos = _cosine(gw, w_sq.sqrt(), g_sq.sqrt(), eps)
+    max_cos = torch.zeros(n, dtype=stats.dtype, device=device).scatter_reduce_(0, param_of_row, row_cos, "amax",
+                                                                              include_self=False)
+    numel = torch.tensor([math.prod(s) for s in layout.shapes], dtype=stats.dtype, device=device)
+    rows = torch.tensor([layout.rows(i) for i in range(n)], dtype=stats.dtype, device=device)
+    is_matrix = torch.tensor([len(s) >= 2 for s in layout.shapes], device=device)
+    channel = max_cos < delta / (numel / rows).sqrt()
+    layer = _cosine(per_param[2], per_param[0].sqrt(), per_param[1].sqrt(), eps) < delta / numel.sqrt()
+    coef_channel = wd / (w_sq.sqrt() + eps) ** 2
+    coef_layer = (per_param[3] / (per_param[0].sqrt() + eps) ** 2)[param_of_row]
+    zero = torch.zeros((), dtype=stats.dtype, device=device)
+    coef_row = torch.where(channel[param_of_row], coef_channel, torch.where(layer[param_of_row], coef_layer, zero))
+    coef_row = torch.where(is_matrix[param_of_row], coef_row, zero)
+    index = layout.row_index(device) if row_index is None else row_index
+    coef = torch.where(index >= 0, coef_row[index.clamp_min(0)], zero)
+    return coef, (channel | layer) & is_matrix

@@ -44,7 +44,11 @@ import torch
 from lightning_ext._checks import check_number
 from lightning_ext.optimizers import _fused_cpu
 from lightning_ext.optimizers._base import PerTensorOptimizer, _bump_versions, _check_betas, _check_flags, _use_foreach
-from lightning_ext.optimizers._projection import projection_coefficients
+from lightning_ext.optimizers._projection import (
+    projection_coefficients,
+    projection_partials,
+    sharded_projection_coefficients,
+)
 
 __all__ = ["AdamP", "SGDP", "adamp", "sgdp"]
 
@@ -193,6 +197,43 @@ def _foreach_scale_(tensors: list[torch.Tensor], factors: list[torch.Tensor | fl
         torch._foreach_mul_([t for t, _ in plain], [f for _, f in plain])
     if tensor:
         torch._foreach_mul_([t for t, _ in tensor], [f for _, f in tensor])
+
+
+# -- on shards: one rank's flat local partition (see shard_layout.py); a step is prepare -> all-reduce -> finish --
+def adamp_shard_prepare(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, *, layout,
+                        beta1: float, beta2: float, eps: float, nesterov: bool,
+                        row_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The elementwise half of an AdamP step on a rank's flat local tensors (``m``, ``v`` updated in place;
+    ``step`` counts from 1): returns the update direction ``d`` and this rank's partial row statistics, which the
+    ranks sum (one collective of ``[4, total_rows]`` per step, whatever the number of parameters)."""
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = v.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
+    if nesterov:
+        d = torch.add(g, m, alpha=beta1 / (1 - beta1)).mul_(1 - beta1).div_(denom)
+    else:
+        d = torch.div(m, denom, out=denom)
+    return d, projection_partials(layout, p, g, d, row_index)
+
+
+def adamp_shard_finish(p: torch.Tensor, d: torch.Tensor, stats: torch.Tensor, step: int, *, layout, lr: float,
+                       beta1: float, eps: float, weight_decay: float, delta: float, wd_ratio: float,
+                       row_index: torch.Tensor | None = None) -> None:
+    """The rest of the step, from the summed statistics: the projection of ``d``, the (per-tensor) weight decay,
+    and the update of the local ``p`` — the same arithmetic as the unsharded step, element by element."""
+    coef, projected = sharded_projection_coefficients(layout, stats, delta, eps, row_index)
+    d.addcmul_(p, coef, value=-1)
+    if weight_decay > 0:
+        p.mul_(_decay_per_element(layout, projected, 1 - lr * weight_decay, 1 - lr * weight_decay * wd_ratio, p))
+    p.add_(d, alpha=-lr / (1 - beta1**step))
+
+
+def _decay_per_element(layout, projected: torch.Tensor, plain: float, reduced: float,
+                       like: torch.Tensor) -> torch.Tensor:
+    full = torch.full(projected.shape, plain, dtype=like.dtype, device=like.device)  # (a float32 where() would
+    factor = full.masked_fill_(projected, reduced)  # round 1 - lr * wd)
+    index = layout.param_index(like.device)
+    return torch.where(index >= 0, factor[index.clamp_min(0)], torch.ones((), dtype=like.dtype, device=like.device))
 
 
 class SGDP(PerTensorOptimizer):

@@ -1,0 +1,155 @@
+"""Which parameter, and which row of it, each element of a rank's local optimizer tensor belongs to.
+
+Sharded training hands an optimizer pieces of parameters: DeepSpeed ZeRO-1/2 one flat fp32 partition per param
+group and rank (all parameters concatenated, padded to a multiple of the world size, cut into equal parts), ZeRO-3
+and FSDP flat parameters likewise, FSDP2 dim-0 shards (rows whole). A per-tensor or per-row statistic (a norm, a
+dot product, a cosine) is a sum over elements, so it is exact on shards if every rank sums its own elements per
+(parameter, row) into one fixed-order vector over *all* rows of *all* parameters — zeros where the rank holds
+nothing — and the ranks add those vectors with one collective. :class:`ShardLayout` describes one local flat
+tensor as :class:`Segment` s and gives each local element its row in that fixed order; :func:`row_sums` does the
+local part. No Lightning, no process group: the collective is the caller's (tests simulate ranks by adding).
+
+Rows follow AdamP's channel view (dim 0 of a tensor with ``ndim >= 2``); a tensor with ``ndim < 2`` is one row.
+Written here: DeepSpeed keeps per-parameter fragment addresses but offers no row map, and no library offers one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+__all__ = ["Segment", "ShardLayout", "row_sums"]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Elements ``[start, start + length)`` of the local flat tensor are elements
+    ``[offset, offset + length)`` of parameter ``param`` (flattened in row-major order)."""
+
+    param: int
+    start: int
+    length: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    shapes: tuple[torch.Size, ...]
+    segments: tuple[Segment, ...]
+    local_numel: int
+
+    def __post_init__(self) -> None:
+        for s in self.segments:
+            numel = math.prod(self.shapes[s.param])
+            if s.length < 0 or s.offset < 0 or s.offset + s.length > numel or s.start + s.length > self.local_numel:
+                raise ValueError(f"segment {s} does not fit parameter {s.param} of shape {tuple(self.shapes[s.param])} "
+                                 f"or the local tensor of {self.local_numel} elements")
+
+    # -- constructors ----------------------------------------------------------------------------------------
+    @classmethod
+    def unsharded(cls, shapes: Sequence[Sequence[int]]) -> ShardLayout:
+        """Every parameter whole, concatenated (one process, DDP)."""
+        return cls.flat_partition(shapes, world_size=1, rank=0)
+
+    @classmethod
+    def flat_partition(cls, shapes: Sequence[Sequence[int]], world_size: int, rank: int) -> ShardLayout:
+        """DeepSpeed ZeRO-1/2's layout of one param group: the parameters flattened and concatenated, padded at
+        the end to a multiple of ``world_size``, and cut into ``world_size`` equal partitions; this is ``rank``'s."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        shapes = tuple(torch.Size(s) for s in shapes)
+        total = sum(math.prod(s) for s in shapes)
+        part = -(-total // world_size) if total else 0
+        lo, hi = rank * part, (rank + 1) * part
+        segments, at = [], 0
+        for i, shape in enumerate(shapes):
+            numel = math.prod(shape)
+            first, last = max(lo, at), min(hi, at + numel)
+            if last > first:
+                segments.append(Segment(i, first - lo, last - first, first - at))
+            at += numel
+        return cls(shapes, tuple(segments), part)
+
+    @classmethod
+    def dim0_shards(cls, shapes: Sequence[Sequence[int]], world_size: int, rank: int) -> ShardLayout:
+        """FSDP2's layout (``fully_shard``: each parameter a DTensor sharded on dim 0, ``torch.chunk`` sizes, so
+        later ranks may hold fewer rows or none); the rank's local shards concatenated in parameter order."""
+        shapes = tuple(torch.Size(s) for s in shapes)
+        segments, at = [], 0
+        for i, shape in enumerate(shapes):
+            rows = shape[0] if len(shape) else 1
+            row_len = math.prod(shape) // rows if rows else 0
+            chunk = -(-rows // world_size) if rows else 0
+            first, last = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+            if last > first:
+                segments.append(Segment(i, at, (last - first) * row_len, first * row_len))
+                at += (last - first) * row_len
+        return cls(shapes, tuple(segments), at)
+
+    # -- the fixed row order -----------------------------------------------------------------------------------
+    def rows(self, param: int) -> int:
+        shape = self.shapes[param]
+        return shape[0] if len(shape) >= 2 else 1
+
+    @cached_property
+    def row_base(self) -> tuple[int, ...]:
+        """First row of each parameter in the fixed order over all parameters."""
+        bases, at = [], 0
+        for i in range(len(self.shapes)):
+            bases.append(at)
+            at += self.rows(i)
+        return tuple(bases)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows(i) for i in range(len(self.shapes)))
+
+    def param_of_row(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(len(self.shapes), device=device),
+                                       torch.tensor([self.rows(i) for i in range(len(self.shapes))], device=device))
+
+    def row_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """For each local element its row in the fixed order; -1 for padding (elements of no parameter)."""
+        index = torch.full((self.local_numel,), -1, dtype=torch.long, device=device)
+        for s in self.segments:
+            row_len = math.prod(self.shapes[s.param]) // self.rows(s.param)
+            local = torch.arange(s.offset, s.offset + s.length, device=device) // row_len
+            index[s.start:s.start + s.length] = local + self.row_base[s.param]
+        return index
+
+    def param_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """For each local element its parameter; -1 for padding."""
+        index = torch.full((self.local_numel,), -1, dtype=torch.long, device=device)
+        for s in self.segments:
+            index[s.start:s.start + s.length] = s.param
+        return index
+
+    # -- moving between full tensors and local pieces (tests, checkpoints) ---------------------------------------
+    def local(self, full: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This rank's flat local tensor cut from the full parameters (padding zero)."""
+        like = full[0] if full else torch.empty(0)
+        out = torch.zeros(self.local_numel, dtype=like.dtype, device=like.device)
+        for s in self.segments:
+            out[s.start:s.start + s.length] = full[s.param].reshape(-1)[s.offset:s.offset + s.length]
+        return out
+
+    def scatter_into(self, local: torch.Tensor, full: Sequence[torch.Tensor]) -> None:
+        """Write this rank's elements of ``local`` back into the full parameters."""
+        for s in self.segments:
+            full[s.param].view(-1)[s.offset:s.offset + s.length] = local[s.start:s.start + s.length]
+
+
+def row_sums(layout: ShardLayout, products: Sequence[torch.Tensor], row_index: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """``[len(products), layout.total_rows]``: each local elementwise product summed per row of the fixed order
+    (zeros for rows this rank does not hold). Adding these over ranks gives the unsharded row sums."""
+    index = layout.row_index(products[0].device) if row_index is None else row_index
+    valid = index >= 0
+    out = torch.zeros(len(products), layout.total_rows, dtype=products[0].dtype, device=products[0].device)
+    for k, product in enumerate(products):
+        out[k].index_add_(0, index[valid], product[valid])
+    return out

@@ -1,0 +1,150 @@
+"""The shard-layout layer and AdamP's statistics on shards, with simulated ranks (no processes): float64, world
+sizes 2, 3 and 4, awkward shapes (rows straddling partition boundaries, a tensor smaller than the world, empty
+shards). Sharded = unsharded within 1e-12; the naive shard-local statistic is the negative control."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_ext.optimizers import AdamP
+from lightning_ext.optimizers._projection import (projection_coefficients, projection_partials,
+                                                  sharded_projection_coefficients)
+from lightning_ext.optimizers.adamp import adamp_shard_finish, adamp_shard_prepare
+from lightning_ext.optimizers.shard_layout import ShardLayout, row_sums
+
+SHAPES = [(7, 13), (1, 29), (29, 1), (2,), (3, 5, 2), (13,), (4, 4)]
+WORLDS = [2, 3, 4]
+LAYOUTS = {"flat": ShardLayout.flat_partition, "dim0": ShardLayout.dim0_shards}
+
+
+def _tensors(seed: int, shapes=SHAPES) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.parametrize("world", WORLDS)
+def test_every_element_is_held_by_exactly_one_rank(kind, world):
+    full = _tensors(0)
+    layouts = [LAYOUTS[kind](SHAPES, world, r) for r in range(world)]
+    held = [torch.zeros(math.prod(s), dtype=torch.long) for s in SHAPES]
+    for layout in layouts:
+        for seg in layout.segments:
+            held[seg.param][seg.offset:seg.offset + seg.length] += 1
+    assert all(bool((h == 1).all()) for h in held)
+    rebuilt = [torch.zeros_like(t) for t in full]
+    for layout in layouts:
+        layout.scatter_into(layout.local(full), rebuilt)
+    assert all(torch.equal(a, b) for a, b in zip(full, rebuilt))
+    if kind == "flat":  # rows straddle partition boundaries somewhere, and the small tensor sits on one rank
+        row_len = [math.prod(s) // s[0] if len(s) >= 2 else math.prod(s) for s in SHAPES]
+        assert any((seg.offset % row_len[seg.param]) or (seg.length % row_len[seg.param])
+                   for layout in layouts for seg in layout.segments if len(SHAPES[seg.param]) >= 2)
+    else:  # dim-0 shards keep rows whole; a rank may hold no row of a tensor
+        assert all(seg.offset % (math.prod(SHAPES[seg.param]) // SHAPES[seg.param][0]) == 0
+                   for layout in layouts for seg in layout.segments)
+        assert any(all(seg.param != 1 for seg in layout.segments) for layout in layouts)  # (1, 29): one rank
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_row_sums_added_over_ranks_are_the_unsharded_row_sums(world):
+    full = _tensors(1)
+    whole = ShardLayout.unsharded(SHAPES)
+    expected = row_sums(whole, [whole.local(full) ** 2])
+    layouts = [ShardLayout.flat_partition(SHAPES, world, r) for r in range(world)]
+    summed = sum(row_sums(lay, [lay.local(full) ** 2]) for lay in layouts)
+    torch.testing.assert_close(summed, expected, rtol=1e-12, atol=1e-12)
+    by_hand = torch.cat([t.reshape(t.shape[0], -1).square().sum(1) if t.dim() >= 2 else t.square().sum()[None]
+                         for t in full])
+    torch.testing.assert_close(expected[0], by_hand, rtol=1e-12, atol=1e-12)
+
+
+def _projection_inputs(seed: int):
+    """Weights, gradients and directions with some tensors scale-invariant enough to be projected: a gradient
+    nearly orthogonal to its weight passes AdamP's cosine test."""
+    w, g, d = _tensors(seed), _tensors(seed + 1), _tensors(seed + 2)
+    for i, rows in ((0, None), (4, None), (6, 2)):  # g ⟂ w per row: the channel view projects; for the (4, 4)
+        w2, g2 = w[i].reshape(w[i].shape[0], -1)[:rows], g[i].reshape(g[i].shape[0], -1)[:rows]  # only half of
+        g2 -= (g2 * w2).sum(1, keepdim=True) / (w2 * w2).sum(1, keepdim=True) * w2  # the rows: a rank-local view errs
+    w1, g1 = w[1].reshape(-1), g[1].reshape(-1)  # (1, 29): one row = the layer
+    g1 -= (g1 @ w1) / (w1 @ w1) * w1
+    return w, g, d
+
+
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.parametrize("world", WORLDS)
+def test_projection_on_shards_equals_the_unsharded_one_and_the_shard_local_one_does_not(kind, world):
+    w, g, d = _projection_inputs(3)
+    delta, eps = 0.1, 1e-8
+    expected_coef, expected_flag = [], []
+    for wi, gi, di in zip(w, g, d):
+        if wi.dim() >= 2:
+            c, flag = projection_coefficients(wi, gi, di, delta, eps)
+            expected_coef.append(c.expand_as(wi))
+            expected_flag.append(bool(flag))
+        else:
+            expected_coef.append(torch.zeros_like(wi))
+            expected_flag.append(False)
+    assert sum(expected_flag) >= 3  # the test covers projected tensors
+    layouts = [LAYOUTS[kind](SHAPES, world, r) for r in range(world)]
+    partials = [projection_partials(lay, lay.local(w), lay.local(g), lay.local(d)) for lay in layouts]
+    summed = sum(partials)  # the one all-reduce
+    rebuilt = [torch.zeros_like(t) for t in w]
+    naive_rebuilt = [torch.zeros_like(t) for t in w]
+    for lay, own in zip(layouts, partials):
+        coef, flags = sharded_projection_coefficients(lay, summed, delta, eps)
+        assert flags.tolist() == expected_flag
+        lay.scatter_into(coef, rebuilt)
+        naive, _ = sharded_projection_coefficients(lay, own, delta, eps)  # the negative control
+        lay.scatter_into(naive, naive_rebuilt)
+    for got, want in zip(rebuilt, expected_coef):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    worst = max(float((a - b).abs().max()) for a, b in zip(naive_rebuilt, expected_coef))
+    assert worst > 1e-6  # shard-local statistics give another answer
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.parametrize("world", WORLDS)
+def test_adamp_steps_on_shards_equal_adamp_on_full_tensors(world, kind, nesterov):
+    hp = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, delta=0.1, wd_ratio=0.1, nesterov=nesterov)
+    params = [torch.nn.Parameter(t) for t in _projection_inputs(5)[0]]
+    reference = AdamP(params, **hp, foreach=False)
+    layouts = [LAYOUTS[kind](SHAPES, world, r) for r in range(world)]
+    local_p = [lay.local([p.detach() for p in params]) for lay in layouts]
+    local_m = [torch.zeros_like(x) for x in local_p]
+    local_v = [torch.zeros_like(x) for x in local_p]
+    projected_steps = 0
+    for step in range(1, 7):
+        _, grads, _ = _projection_inputs(10 * step)
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        reference.step()
+        prepared = [adamp_shard_prepare(local_p[r], lay.local(grads), local_m[r], local_v[r], step, layout=lay,
+                                        beta1=0.9, beta2=0.999, eps=1e-8, nesterov=nesterov)
+                    for r, lay in enumerate(layouts)]
+        summed = sum(stats for _, stats in prepared)
+        projected_steps += int(sharded_projection_coefficients(layouts[0], summed, 0.1, 1e-8)[1].sum())
+        for r, lay in enumerate(layouts):
+            adamp_shard_finish(local_p[r], prepared[r][0], summed, step, layout=lay, lr=1e-2, beta1=0.9, eps=1e-8,
+                               weight_decay=0.1, delta=0.1, wd_ratio=0.1)
+    assert projected_steps > 0
+    rebuilt = [torch.zeros_like(p.detach()) for p in params]
+    for lay, x in zip(layouts, local_p):
+        lay.scatter_into(x, rebuilt)
+    for got, want in zip(rebuilt, params):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_one_statistics_tensor_per_step_whatever_the_number_of_parameters():
+    """The collective's payload is one [4, total_rows] tensor: its count per step does not grow with the
+    number of parameters (only its length does)."""
+    for n in (1, 10, 50):
+        shapes = [(3, 4)] * n
+        lay = ShardLayout.flat_partition(shapes, 2, 0)
+        w = g = d = lay.local(_tensors(0, shapes))
+        stats = projection_partials(lay, w, g, d)
+        assert isinstance(stats, torch.Tensor) and stats.shape == (4, 3 * n)
