@@ -148,3 +148,59 @@ def test_one_statistics_tensor_per_step_whatever_the_number_of_parameters():
         w = g = d = lay.local(_tensors(0, shapes))
         stats = projection_partials(lay, w, g, d)
         assert isinstance(stats, torch.Tensor) and stats.shape == (4, 3 * n)
+
+
+def _fadam_on_shards(layouts, params0, grads_per_step, hp, stats_of):
+    """FAdam's two-round shard step on every simulated rank; ``stats_of(partials, r)`` is the collective
+    (the sum over ranks) or, for the negative control, the rank's own partial."""
+    from lightning_ext.optimizers.fadam import fadam_shard_finish, fadam_shard_round1, fadam_shard_round2
+
+    w = [lay.local(params0) for lay in layouts]
+    m = [torch.zeros_like(x) for x in w]
+    f = [torch.zeros_like(x) for x in w]
+    for step, grads in enumerate(grads_per_step, start=1):
+        g = [lay.local(grads) for lay in layouts]
+        round1 = [fadam_shard_round1(g[r], f[r], step, layout=lay, beta2=hp["beta2"]) for r, lay in enumerate(layouts)]
+        round2 = [fadam_shard_round2(w[r], g[r], f[r], stats_of(round1, r), layout=lay, eps=hp["eps"],
+                                     eps2=hp["eps2"], p=0.5, eps_mode=hp["eps_mode"], min_denominator=1e-20,
+                                     dead_coord_wd=hp["dead_coord_wd"]) for r, lay in enumerate(layouts)]
+        for r, lay in enumerate(layouts):
+            gbar, wbar, _ = round2[r]
+            fadam_shard_finish(w[r], m[r], gbar, wbar, stats_of([x[2] for x in round2], r), layout=lay,
+                               lr=hp["lr"], beta1=0.9, weight_decay=hp["weight_decay"], clip=hp["clip"],
+                               dead_coord_wd=hp["dead_coord_wd"])
+    out = [torch.zeros_like(t) for t in params0]
+    for lay, x in zip(layouts, w):
+        lay.scatter_into(x, out)
+    return out
+
+
+@pytest.mark.parametrize("mode", [("v3", "mask"), ("pow2p", "paper")])
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.parametrize("world", WORLDS)
+def test_fadam_steps_on_shards_equal_fadam_on_full_tensors(world, kind, mode):
+    from lightning_ext.optimizers import FAdam
+
+    eps_mode, dead = mode
+    # clip small enough that both RMS clips act; eps large enough that the adaptive epsilon matters
+    hp = dict(lr=1e-2, beta2=0.999, eps=1e-1, eps2=1e-2, eps_mode=eps_mode, weight_decay=0.1, clip=0.5,
+              dead_coord_wd=dead)
+    params0 = _tensors(7)
+    grads_per_step = []
+    for step in range(6):
+        grads = _tensors(20 + step)
+        grads[0].view(-1)[:20] = 0.0  # dead coordinates (a Fisher of exactly 0), across a partition boundary too
+        grads_per_step.append(grads)
+    params = [torch.nn.Parameter(t.clone()) for t in params0]
+    reference = FAdam(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-1, eps2=1e-2, eps_mode=eps_mode,
+                      weight_decay=0.1, clip=0.5, dead_coord_wd=dead, foreach=False)
+    for grads in grads_per_step:
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        reference.step()
+    layouts = [LAYOUTS[kind](SHAPES, world, r) for r in range(world)]
+    sharded = _fadam_on_shards(layouts, params0, grads_per_step, hp, lambda partials, r: sum(partials))
+    for got, want in zip(sharded, params):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    naive = _fadam_on_shards(layouts, params0, grads_per_step, hp, lambda partials, r: partials[r])
+    assert max(float((a - b.detach()).abs().max()) for a, b in zip(naive, params)) > 1e-6

@@ -172,6 +172,56 @@ def _beta2_hat(beta2: float, step: float) -> float:
     return beta2 * (1 - beta2 ** (step - 1)) / (1 - beta2**step)
 
 
+# -- on shards: one rank's flat local partition (see shard_layout.py); two statistic rounds per step -----------
+def fadam_shard_round1(g: torch.Tensor, fim: torch.Tensor, step: int, *, layout, beta2: float) -> torch.Tensor:
+    """Update the Fisher ``fim`` in place (``step`` counts from 1) and return this rank's ``[1, n_params]``
+    partial sums of ``g²`` (the gradient RMS behind the adaptive epsilon). The ranks sum them (collective 1)."""
+    from lightning_ext.optimizers.shard_layout import param_sums
+
+    b2 = _beta2_hat(beta2, step)
+    g = g.to(fim.dtype)
+    fim.mul_(b2).addcmul_(g, g, value=1 - b2)
+    return param_sums(layout, [g * g])
+
+
+def fadam_shard_round2(w: torch.Tensor, g: torch.Tensor, fim: torch.Tensor, stats1: torch.Tensor, *, layout,
+                       eps: float, eps2: float, p: float, eps_mode: str, min_denominator: float,
+                       dead_coord_wd: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From the summed ``g²``: the natural gradient ``gbar`` and the decay direction ``wbar`` (dead coordinates
+    zeroed in ``"mask"`` mode), and this rank's ``[3, n_params]`` partial sums — ``gbar²``, ``wbar²`` and the live
+    coordinates (``fim != 0``) — for the two RMS clips (collective 2)."""
+    from lightning_ext.optimizers.shard_layout import param_sums, per_element
+
+    numel = torch.tensor([math.prod(s) for s in layout.shapes], dtype=stats1.dtype, device=stats1.device)
+    rms_g = per_element(layout, (stats1[0] / numel).sqrt(), 0.0)
+    eps_t = _adaptive_eps(rms_g, eps, eps2, p, eps_mode)
+    denom = (fim.sqrt() if p == 0.5 else fim.pow(p)).add_(eps_t).clamp_min_(min_denominator)
+    gbar = g.to(fim.dtype) / denom
+    wbar = w.to(denom.dtype) / denom
+    live = (fim != 0).to(fim.dtype)
+    if dead_coord_wd == "mask":
+        wbar.mul_(live)
+    return gbar, wbar, param_sums(layout, [gbar * gbar, wbar * wbar, live])
+
+
+def fadam_shard_finish(w: torch.Tensor, m: torch.Tensor, gbar: torch.Tensor, wbar: torch.Tensor,
+                       stats2: torch.Tensor, *, layout, lr: float, beta1: float, weight_decay: float, clip: float,
+                       dead_coord_wd: str) -> None:
+    """Clip ``gbar`` and ``wbar`` by their whole-tensor RMS (from the summed statistics), then update the momentum
+    and the local weights — the arithmetic of the unsharded step, element by element."""
+    from lightning_ext.optimizers.shard_layout import per_element
+
+    numel = torch.tensor([math.prod(s) for s in layout.shapes], dtype=stats2.dtype, device=stats2.device)
+    rms_gbar = stats2[0].sqrt() / numel.sqrt()
+    m.lerp_(gbar.div_(per_element(layout, (rms_gbar / clip).clamp_min(1.0), 1.0)), 1 - beta1)
+    if weight_decay > 0:
+        count = numel if dead_coord_wd == "paper" else stats2[2].clamp_min(1)
+        rms_wbar = stats2[1].sqrt() / count.sqrt()
+        wbar.div_(per_element(layout, (rms_wbar / clip).clamp_min(1.0), 1.0))
+        w.add_(wbar.to(w.dtype), alpha=-lr * weight_decay)
+    w.add_(m.to(w.dtype), alpha=-lr)
+
+
 def _fused_fadam(params, grads, momenta, fims, steps, *, lr, beta1, beta2, eps, weight_decay, clip, p, eps_mode,
                  eps2, min_denominator, dead_coord_wd) -> None:
     torch._foreach_add_(steps, 1)

@@ -22,7 +22,7 @@ from functools import cached_property
 
 import torch
 
-__all__ = ["Segment", "ShardLayout", "row_sums"]
+__all__ = ["Segment", "ShardLayout", "param_sums", "per_element", "row_sums"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,23 @@ def row_sums(layout: ShardLayout, products: Sequence[torch.Tensor], row_index: t
     for k, product in enumerate(products):
         out[k].index_add_(0, index[valid], product[valid])
     return out
+
+
+def param_sums(layout: ShardLayout, products: Sequence[torch.Tensor], param_index: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """``[len(products), len(layout.shapes)]``: each local product summed per parameter (per-tensor statistics:
+    FAdam's RMS, LAWN's norms); zeros for parameters this rank does not hold."""
+    index = layout.param_index(products[0].device) if param_index is None else param_index
+    valid = index >= 0
+    out = torch.zeros(len(products), len(layout.shapes), dtype=products[0].dtype, device=products[0].device)
+    for k, product in enumerate(products):
+        out[k].index_add_(0, index[valid], product[valid])
+    return out
+
+
+def per_element(layout: ShardLayout, values: torch.Tensor, fill: float,
+                param_index: torch.Tensor | None = None) -> torch.Tensor:
+    """A ``[n_params]`` tensor spread to the local elements (``fill`` on padding)."""
+    index = layout.param_index(values.device) if param_index is None else param_index
+    return torch.where(index >= 0, values[index.clamp_min(0)], torch.full((), fill, dtype=values.dtype,
+                                                                          device=values.device))
