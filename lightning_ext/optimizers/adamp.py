@@ -313,3 +313,26 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch
     else:
         for p, d_i in zip(params, d):
             p.add_(d_i, alpha=-lr)
+
+
+def sgdp_shard_prepare(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, *, layout, momentum: float,
+                       dampening: float, nesterov: bool, row_index: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGDP's elementwise half on a rank's flat local tensors (``buf`` updated in place): the direction ``d``
+    (the momentum buffer itself without Nesterov, as in the reference, so the projection lands in the buffer)
+    and this rank's partial row statistics for the one all-reduce."""
+    buf.mul_(momentum).add_(g, alpha=1 - dampening)
+    d = g + momentum * buf if nesterov else buf
+    return d, projection_partials(layout, p, g, d, row_index)
+
+
+def sgdp_shard_finish(p: torch.Tensor, d: torch.Tensor, stats: torch.Tensor, *, layout, lr: float, momentum: float,
+                      weight_decay: float, eps: float, delta: float, wd_ratio: float,
+                      row_index: torch.Tensor | None = None) -> None:
+    """Projection, per-tensor weight decay (divided by ``1 - momentum`` as in the reference) and the update."""
+    coef, projected = sharded_projection_coefficients(layout, stats, delta, eps, row_index)
+    d.addcmul_(p, coef, value=-1)
+    if weight_decay > 0:
+        scale = lr * weight_decay / (1 - momentum)
+        p.mul_(_decay_per_element(layout, projected, 1 - scale, 1 - scale * wd_ratio, p))
+    p.add_(d, alpha=-lr)
