@@ -21,8 +21,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from verify_quest import train_sampled  # the same sampled-batch AdamW loop
 
+from lightning_ext.claims.quest import train_sampled  # the same sampled-batch AdamW loop
 from lightning_ext.data.stdlib_chars import stdlib_context_windows
 from lightning_ext.models import CharContextMLP
 from lightning_ext.nn.onebit import OneBitLinear, distillation_loss
