@@ -236,3 +236,75 @@ def test_sgdp_steps_on_shards_equal_sgdp_on_full_tensors(world, kind, nesterov):
         lay.scatter_into(x, rebuilt)
     for got, want in zip(rebuilt, params):
         torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+
+
+def _lawn_on_shards(layouts, params0, grads_per_step, free, which, options, stats_of):
+    from lightning_ext.optimizers.lawn import lawn_shard_partials, lawn_shard_project_grad_, lawn_shard_rescale_
+
+    norm_scope, constraint, project = options
+    local = [torch.nn.Parameter(lay.local(params0)) for lay in layouts]
+    bases = [torch.optim.SGD([x], lr=0.3, momentum=0.9) for x in local]  # elementwise: exact on a partition
+    constrained = torch.tensor([i in which for i in range(len(params0))])
+    radii: dict[int, torch.Tensor] = {}
+    for step, grads in enumerate(grads_per_step):
+        for lay, x in zip(layouts, local):
+            x.grad = lay.local(grads)
+        if step >= free:
+            partials = [lawn_shard_partials(lay, x.detach(), x.grad if project else None, norm_scope=norm_scope)
+                        for lay, x in zip(layouts, local)]
+            for r, (lay, x) in enumerate(zip(layouts, local)):
+                summed = stats_of(partials, r)
+                radii.setdefault(r, summed[0].sqrt())
+                if project:
+                    lawn_shard_project_grad_(lay, x.detach(), x.grad, summed, norm_scope=norm_scope,
+                                             constrained=constrained)
+        for base in bases:
+            base.step()
+        if step >= free:
+            partials = [lawn_shard_partials(lay, x.detach(), norm_scope=norm_scope) for lay, x in zip(layouts, local)]
+            for r, (lay, x) in enumerate(zip(layouts, local)):
+                lawn_shard_rescale_(lay, x.detach(), radii[r], stats_of(partials, r), norm_scope=norm_scope,
+                                    constraint=constraint, constrained=constrained)
+    rebuilt = [torch.zeros_like(t) for t in params0]
+    for lay, x in zip(layouts, local):
+        lay.scatter_into(x.detach(), rebuilt)
+    return rebuilt
+
+
+@pytest.mark.parametrize("options", [("layer", "sphere", False), ("row", "ball", True), ("row", "sphere", True)])
+@pytest.mark.parametrize("kind", sorted(LAYOUTS))
+@pytest.mark.parametrize("world", WORLDS)
+def test_lawn_on_shards_equals_lawn_on_full_tensors(world, kind, options):
+    from lightning_ext.optimizers import LAWN
+    from lightning_ext.optimizers.lawn import _norms
+
+    norm_scope, constraint, project = options
+    free, which = 2, [0, 2, 4]  # (7, 13), (29, 1) and (3, 5, 2) constrained; the others trained freely
+    params0 = _tensors(11)
+    grads_per_step = [_tensors(40 + step) for step in range(8)]
+    params = [torch.nn.Parameter(t.clone()) for t in params0]
+    reference = LAWN(torch.optim.SGD(params, lr=0.3, momentum=0.9), [params[i] for i in which], free_steps=free,
+                     norm_scope=norm_scope, constraint=constraint, project_grad=project)
+    for grads in grads_per_step:
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        reference.step()
+    for i, radius in zip(which, reference.radii()):  # the constraint acted on the reference
+        norms = _norms(params[i].detach(), norm_scope)
+        assert bool((norms <= radius * (1 + 1e-12)).all())
+        if constraint == "sphere":
+            torch.testing.assert_close(norms, radius, rtol=1e-12, atol=0)
+    layouts = [LAYOUTS[kind](SHAPES, world, r) for r in range(world)]
+    sharded = _lawn_on_shards(layouts, params0, grads_per_step, free, which, options, lambda parts, r: sum(parts))
+    for got, want in zip(sharded, params):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    naive = _lawn_on_shards(layouts, params0, grads_per_step, free, which, options, lambda parts, r: parts[r])
+    naive_error = max(float((a - b.detach()).abs().max()) for a, b in zip(naive, params))
+    # the shard-local statistic is wrong exactly where a norm's elements (a row, or a whole tensor) are split
+    units = [set() for _ in layouts]
+    for r, lay in enumerate(layouts):
+        index = lay.row_index() if norm_scope == "row" else lay.param_index()
+        owner = lay.param_of_row() if norm_scope == "row" else torch.arange(len(SHAPES))
+        units[r] = {int(u) for u in index[index >= 0].unique() if int(owner[u]) in which}
+    split = any(units[a] & units[b] for a in range(world) for b in range(a + 1, world))
+    assert (naive_error > 1e-6) == split, (split, naive_error)

@@ -184,3 +184,46 @@ class LAWN(WrapperOptimizer):
         else:
             self._radii = [self.state[p]["lawn_radius"] if "lawn_radius" in self.state[p]
                            else _norms(p, self.norm_scope).clone() for p in self.constrained]
+
+
+# -- on shards: one rank's flat local partition (see shard_layout.py) -------------------------------------------
+# A constrained step under sharding: partials of |W|² (and <g, W> with project_grad) -> one all-reduce -> project
+# the local gradient -> the base optimizer's (elementwise) step on the local partition -> partials of |W|² ->
+# one all-reduce -> rescale the local elements. The radii are the first constrained step's summed norms.
+def lawn_shard_partials(layout, w: torch.Tensor, g: torch.Tensor | None = None, *, norm_scope: str) -> torch.Tensor:
+    """This rank's partial sums of ``w²`` (and ``g·w``), per row (``norm_scope="row"``) or per tensor, in the
+    layout's fixed order: ``[1 or 2, rows or tensors]``."""
+    from lightning_ext.optimizers.shard_layout import param_sums, row_sums
+
+    products = [w * w] if g is None else [w * w, g * w]
+    return row_sums(layout, products) if norm_scope == "row" else param_sums(layout, products)
+
+
+def _spread(layout, values: torch.Tensor, norm_scope: str, constrained: torch.Tensor, fill: float) -> torch.Tensor:
+    """Per-row / per-tensor values on the local elements of constrained tensors (``fill`` elsewhere)."""
+    if norm_scope == "row":
+        index, owner = layout.row_index(values.device), layout.param_of_row(values.device)
+        values = torch.where(constrained[owner], values, torch.full((), fill, dtype=values.dtype,
+                                                                     device=values.device))
+    else:
+        index = layout.param_index(values.device)
+        values = torch.where(constrained, values, torch.full((), fill, dtype=values.dtype, device=values.device))
+    return torch.where(index >= 0, values[index.clamp_min(0)], torch.full((), fill, dtype=values.dtype,
+                                                                          device=values.device))
+
+
+def lawn_shard_project_grad_(layout, w: torch.Tensor, g: torch.Tensor, stats: torch.Tensor, *, norm_scope: str,
+                             constrained: torch.Tensor) -> None:
+    """``g -= <g, Ŵ> Ŵ`` per row / tensor of the constrained tensors, from the summed ``[w², g·w]``."""
+    coef = stats[1] / stats[0].sqrt().clamp_min(1e-30).square()
+    g.sub_(w * _spread(layout, coef, norm_scope, constrained, 0.0))
+
+
+def lawn_shard_rescale_(layout, w: torch.Tensor, radii: torch.Tensor, stats: torch.Tensor, *, norm_scope: str,
+                        constraint: str, constrained: torch.Tensor) -> None:
+    """Put each constrained row / tensor back on its radius (``sphere``) or inside it (``ball``), from the summed
+    ``w²`` after the base step; ``radii`` are the recorded norms, in the same order."""
+    scale = radii / stats[0].sqrt().clamp_min(1e-30)
+    if constraint == "ball":
+        scale = scale.clamp_max(1.0)
+    w.mul_(_spread(layout, scale, norm_scope, constrained, 1.0))
