@@ -3,6 +3,7 @@ is refused at setup with a message naming the stage — never a silent wrong res
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -60,3 +61,22 @@ def test_manifest_is_read_from_a_deepspeed_checkpoint_directory(tmp_path):
     assert read_manifest(tmp_path / "ckpt") == [
         {"name": "Gate", "state_key": "Gate", "class_path": "toy_techniques.Gate",
          "init_args": {"target_modules": ["net.0"], "init": 0.5}}]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_shard_layout_read_from_deepspeed_matches_its_fp32_partitions(tmp_path, stage):
+    """ShardLayout.from_deepspeed on each rank of a live ZeRO run cuts the module's weights into exactly the
+    flat fp32 partition DeepSpeed holds, and the two ranks together hold every element once."""
+    import json
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "deepspeed_layout.py")
+    proc = subprocess.run([sys.executable, script, str(tmp_path), str(stage)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=480)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for group in range(len(ranks[0])):
+        assert all(rank[group]["equal"] for rank in ranks)
+        shapes = ranks[0][group]["shapes"]
+        total = sum(math.prod(s) for s in shapes)
+        assert sum(rank[group]["held"] for rank in ranks) == total
+        assert all(0 < rank[group]["held"] < total for rank in ranks)  # both ranks hold part of the model

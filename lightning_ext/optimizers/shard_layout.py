@@ -90,6 +90,24 @@ class ShardLayout:
                 at += (last - first) * row_len
         return cls(shapes, tuple(segments), at)
 
+    @classmethod
+    def from_deepspeed(cls, zero_optimizer, group: int) -> ShardLayout:
+        """The layout of param group ``group``'s flat fp32 partition on this rank, read from a live DeepSpeed
+        ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``): each parameter's ``_hp_mapping`` gives where its
+        fragment sits in the partition (``hp_fragment_address``) and in the parameter (``lp_fragment_address``),
+        alignment padding and round-robin order included. ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``) is next."""
+        if not hasattr(zero_optimizer, "single_partition_of_fp32_groups"):
+            raise TypeError(f"from_deepspeed reads DeepSpeed ZeRO-1/2 optimizers, got {type(zero_optimizer).__name__}")
+        params = zero_optimizer.bit16_groups[group]
+        segments = []
+        for i, p in enumerate(params):
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:
+                hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+                segments.append(Segment(i, hp.start, hp.numel, lp.start))
+        local = zero_optimizer.single_partition_of_fp32_groups[group]
+        return cls(tuple(p.shape for p in params), tuple(sorted(segments, key=lambda s: s.start)), local.numel())
+
     # -- the fixed row order -----------------------------------------------------------------------------------
     def rows(self, param: int) -> int:
         shape = self.shapes[param]
