@@ -1,6 +1,7 @@
 """The shared shell of the per-tensor optimizers (AdamP, SGDP, FAdam), in torch.optim's layering.
 
-``step`` runs the closure, refuses flat 1-D partitions (DeepSpeed ZeRO, see :mod:`._sharding`),
+``step`` runs the closure; on DeepSpeed ZeRO-1/2's flat partitions it runs the subclass's sharded update (exact
+statistics, :mod:`.shard_layout`), on other flat 1-D partitions it refuses (see :mod:`._sharding`);
 and for each param group gathers the parameters with gradients and their state lists
 (``_init_group``, creating state on first use), then calls the subclass's functional update.
 """
@@ -15,7 +16,7 @@ from torch.optim import Optimizer
 
 from lightning_ext._checks import check_bool
 from lightning_ext.optimizers._fused_cpu import check_fused_params
-from lightning_ext.optimizers._sharding import check_full_shapes, had_matrices
+from lightning_ext.optimizers._sharding import check_full_shapes, deepspeed_zero12_caller, had_matrices
 from lightning_ext.optimizers._wrapper import evaluate_closure
 
 
@@ -83,9 +84,39 @@ class PerTensorOptimizer(Optimizer):
                 states: dict[str, list[torch.Tensor]]) -> None:
         raise NotImplementedError
 
+    def _sharded_update(self, group: dict, layout: Any, p: torch.Tensor, g: torch.Tensor, state: dict,
+                        reduce: Callable[[torch.Tensor], None]) -> None:
+        """The step on one flat partition (``layout`` says what it holds); ``reduce`` sums a statistics tensor
+        over the ranks in place. Subclasses that implement it train under DeepSpeed ZeRO-1/2."""
+        raise NotImplementedError
+
+    def _step_on_partitions(self, zero: Any) -> None:
+        from lightning_ext.optimizers import _sharding
+        from lightning_ext.optimizers.shard_layout import ShardLayout
+
+        layouts = self.__dict__.setdefault("_shard_layouts", {})
+        for index, group in enumerate(self.param_groups):
+            (flat,) = group["params"]
+            if flat is not zero.single_partition_of_fp32_groups[index]:
+                raise RuntimeError(f"{type(self).__name__}: param group {index} is not DeepSpeed's fp32 partition")
+            if id(flat) not in layouts:
+                layouts[id(flat)] = ShardLayout.from_deepspeed(zero, index)
+            params, grads, states = self._init_group(group)
+            if not params:
+                raise RuntimeError(f"{type(self).__name__}: the fp32 partition of group {index} has no gradient")
+            process_group = zero.real_dp_process_group[index]
+            self._sharded_update(group, layouts[id(flat)], params[0], grads[0], self.state[params[0]],
+                                 lambda t, pg=process_group: _sharding.all_reduce(t, pg))
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
+        if self._had_matrices and not had_matrices(self.param_groups):
+            zero = deepspeed_zero12_caller() if type(self)._sharded_update is not PerTensorOptimizer._sharded_update \
+                else None
+            if zero is not None:  # DeepSpeed ZeRO-1/2: exact statistics on the flat partitions
+                self._step_on_partitions(zero)
+                return loss
         check_full_shapes(self, self._had_matrices, self.needs_full_shapes_for)
         for group in self.param_groups:
             params, grads, states = self._init_group(group)

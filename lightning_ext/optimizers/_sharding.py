@@ -47,3 +47,25 @@ def check_full_shapes(optimizer: torch.optim.Optimizer, expected: bool, what: st
             f"{type(optimizer).__name__} needs full-shape parameters for {what}, but its param groups now hold only "
             f"flat 1-D partitions: it is running under {_deepspeed_caller()}, which would silently change the "
             "algorithm. Use DDP, or DeepSpeed without ZeRO partitioning (stage 0, fp32), for this optimizer.")
+
+
+def deepspeed_zero12_caller():
+    """The DeepSpeed ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``) that is stepping this optimizer, found by
+    walking the caller frames; ``None`` under anything else (ZeRO-3 included). Called once per step, only when
+    the param groups hold flat partitions."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if type(owner).__name__ == "DeepSpeedZeroOptimizer" and hasattr(owner, "single_partition_of_fp32_groups"):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def all_reduce(tensor: torch.Tensor, group) -> None:
+    """The one collective per statistic round (a module attribute, so a test can replace it by a no-op: the
+    shard-local negative control)."""
+    torch.distributed.all_reduce(tensor, group=group)

@@ -31,7 +31,10 @@ buffer itself (the reference's in-place projection acts on ``buf``), and SGDP's 
 decay is divided by ``1 - momentum``, so ``SGDP(delta=0)`` is not ``torch.optim.SGD``.
 
 Under DeepSpeed ZeRO the optimizer sees flat 1-D partitions and the projection could never
-fire (AdamP would silently become AdamW): ``step`` refuses with a message naming the stage.
+fire (AdamP would silently become AdamW): under ZeRO-1/2
+``step`` computes the statistics exactly on the partitions (``*_shard_*`` functions below, one all-reduce
+per statistic round; :mod:`.shard_layout`); under ZeRO-3 and DeepSpeed's BF16 optimizer it still refuses,
+naming the stage.
 """
 
 from __future__ import annotations
@@ -89,6 +92,16 @@ class AdamP(PerTensorOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
                         wd_ratio=wd_ratio, nesterov=nesterov, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
+
+    def _sharded_update(self, group, layout, p, g, state, reduce) -> None:
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = state["step"].item()  # a CPU tensor: no device sync
+        d, stats = adamp_shard_prepare(p, g, state["exp_avg"], state["exp_avg_sq"], step, layout=layout, beta1=beta1,
+                                       beta2=beta2, eps=group["eps"], nesterov=group["nesterov"])
+        reduce(stats)
+        adamp_shard_finish(p, d, stats, step, layout=layout, lr=group["lr"], beta1=beta1, eps=group["eps"],
+                           weight_decay=group["weight_decay"], delta=group["delta"], wd_ratio=group["wd_ratio"])
 
     def _update(self, group, params, grads, states) -> None:
         beta1, beta2 = group["betas"]
@@ -266,6 +279,14 @@ class SGDP(PerTensorOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, eps=eps, delta=delta, wd_ratio=wd_ratio, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
+
+    def _sharded_update(self, group, layout, p, g, state, reduce) -> None:
+        d, stats = sgdp_shard_prepare(p, g, state["momentum"], layout=layout, momentum=group["momentum"],
+                                      dampening=group["dampening"], nesterov=group["nesterov"])
+        reduce(stats)
+        sgdp_shard_finish(p, d, stats, layout=layout, lr=group["lr"], momentum=group["momentum"],
+                          weight_decay=group["weight_decay"], eps=group["eps"], delta=group["delta"],
+                          wd_ratio=group["wd_ratio"])
 
     def _update(self, group, params, grads, states) -> None:
         sgdp(params, grads, states["momentum"], foreach=group["foreach"], fused=group.get("fused"), lr=group["lr"],

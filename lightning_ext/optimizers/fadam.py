@@ -44,7 +44,10 @@ Decisions that are ours, not the paper's:
   dtype, or in float32 for half-precision parameters.
 
 Under DeepSpeed ZeRO the per-tensor RMS would become an RMS over a flat mix of tensors:
-``step`` refuses with a message naming the stage.
+under ZeRO-1/2
+``step`` computes the statistics exactly on the partitions (``*_shard_*`` functions below, one all-reduce
+per statistic round; :mod:`.shard_layout`); under ZeRO-3 and DeepSpeed's BF16 optimizer it still refuses,
+naming the stage.
 """
 
 from __future__ import annotations
@@ -116,6 +119,21 @@ class FAdam(PerTensorOptimizer):
                         eps_mode=eps_mode, eps2=eps2, min_denominator=min_denominator,
                         dead_coord_wd=dead_coord_wd, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
+
+    def _sharded_update(self, group, layout, p, g, state, reduce) -> None:
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = state["step"].item()
+        stats1 = fadam_shard_round1(g, state["fim"], step, layout=layout, beta2=beta2)
+        reduce(stats1)
+        gbar, wbar, stats2 = fadam_shard_round2(p, g, state["fim"], stats1, layout=layout, eps=group["eps"],
+                                                eps2=group["eps2"], p=group["p"], eps_mode=group["eps_mode"],
+                                                min_denominator=group["min_denominator"],
+                                                dead_coord_wd=group["dead_coord_wd"])
+        reduce(stats2)
+        fadam_shard_finish(p, state["momentum"], gbar, wbar, stats2, layout=layout, lr=group["lr"], beta1=beta1,
+                           weight_decay=group["weight_decay"], clip=group["clip"],
+                           dead_coord_wd=group["dead_coord_wd"])
 
     def _update(self, group, params, grads, states) -> None:
         beta1, beta2 = group["betas"]

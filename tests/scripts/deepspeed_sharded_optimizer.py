@@ -1,0 +1,81 @@
+"""A per-tensor optimizer under a live 2-process DeepSpeed ZeRO-1/2 run (CPU) against the same optimizer on full
+tensors fed the same gradients: before each step the full fp32 weights and averaged gradients are gathered
+(``safe_get_full_*``), a reference copy of the optimizer steps on them, and after DeepSpeed's step the gathered
+weights are compared. ``naive`` replaces the statistics' all-reduce by nothing (shard-local statistics).
+
+    python tests/scripts/deepspeed_sharded_optimizer.py OUT STAGE OPTIMIZER [naive]
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+OPTIMIZERS = {"AdamP": dict(lr=3e-2, weight_decay=1e-2, nesterov=True),
+              "SGDP": dict(lr=0.2, momentum=0.9, weight_decay=1e-3, nesterov=True),
+              "FAdam": dict(lr=3e-2, clip=0.1),
+              "AdamW": dict(lr=3e-2, weight_decay=1e-2)}  # torch's: the harness's noise floor
+STEPS = 6
+
+
+def main(out: Path, stage: int, name: str, naive: bool) -> None:
+    import lightning.pytorch as pl
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
+
+    from lightning_ext.data import DigitsDataModule
+    from lightning_ext.models import MLPClassifier
+    from lightning_ext.optimizers import _sharding
+    from lightning_ext.strategies import DeepSpeedCPUStrategy
+
+    if naive:
+        _sharding.all_reduce = lambda tensor, group: None
+    cls = getattr(importlib.import_module("torch.optim" if name == "AdamW" else "lightning_ext.optimizers"), name)
+
+    class Model(MLPClassifier):
+        def configure_optimizers(self):
+            return cls(self.parameters(), **OPTIMIZERS[name])
+
+    class Compare(pl.Callback):
+        reference = copies = None
+        worst: list = []
+
+        def _params(self, pl_module):
+            return [p for p in pl_module.parameters() if p.requires_grad]
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            params = self._params(pl_module)
+            grads = [safe_get_full_grad(p).detach().clone() for p in params]  # collectives: every rank calls
+            if self.reference is None:
+                self.copies = [torch.nn.Parameter(safe_get_full_fp32_param(p).detach().clone()) for p in params]
+                self.reference = cls(self.copies, **OPTIMIZERS[name], foreach=False)
+            for c, g in zip(self.copies, grads):
+                c.grad = g
+            self.reference.step()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            after = [safe_get_full_fp32_param(p).detach() for p in self._params(pl_module)]
+            self.worst.append(max(float((a - c.detach()).abs().max()) for a, c in zip(after, self.copies)))
+
+    compare = Compare()
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DeepSpeedCPUStrategy(stage=stage), max_steps=STEPS,
+                         logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
+                         enable_model_summary=False, callbacks=[compare])
+    # odd widths: partition boundaries fall inside rows; BatchNorm makes the hidden weights scale-invariant
+    trainer.fit(Model(hidden=[13, 7], batch_norm=True), datamodule=DigitsDataModule(batch_size=32))
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"worst": compare.worst}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], len(sys.argv) > 4 and sys.argv[4] == "naive")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
