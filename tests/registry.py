@@ -89,7 +89,7 @@ REGISTRY: list[Entry] = [
     Entry(name="lawn", data=_digits, config="configs/lawn.yaml",
           model=lambda: MLPClassifier(hidden=[32], batch_norm=True, lr=1e-2),
           callbacks=lambda: [LAWN(free_steps=10, layers=["net.3"])],
-          deepspeed={s: "LAWN under DeepSpeed ZeRO stage" for s in (1, 2, 3)}),
+          deepspeed={1: "train", 2: "train", 3: "LAWN under DeepSpeed ZeRO stage"}),
     Entry(name="cram", data=_digits, config="configs/cram.yaml",
           model=lambda: MLPWith("torch.optim.SGD", lr=0.05, momentum=0.9, weight_decay=5e-4),
           callbacks=lambda: [CrAM(rho=0.05, sparsities=[0.5, 0.7, 0.9])],

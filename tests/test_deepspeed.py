@@ -82,7 +82,7 @@ def test_shard_layout_read_from_deepspeed_matches_its_fp32_partitions(tmp_path, 
         assert all(0 < rank[group]["held"] < total for rank in ranks)  # both ranks hold part of the model
 
 
-SHARDED = [(name, stage) for name in ("AdamP", "SGDP", "FAdam") for stage in (1, 2)]
+SHARDED = [(name, stage) for name in ("AdamP", "SGDP", "FAdam", "LAWN") for stage in (1, 2)]
 
 
 def _sharded_run(tmp_path, stage: int, name: str, *extra: str) -> list[float]:
@@ -102,7 +102,8 @@ def _sharded_run(tmp_path, stage: int, name: str, *extra: str) -> list[float]:
 @pytest.mark.distributed
 @pytest.mark.parametrize("name, stage", SHARDED, ids=[f"{n}-zero{s}" for n, s in SHARDED])
 def test_per_tensor_optimizers_under_zero_equal_the_unsharded_step(tmp_path, name, stage):
-    """Under a live 2-process ZeRO-1/2 run, every step of the sharded optimizer equals the same optimizer on the
+    """Under a live 2-process ZeRO-1/2 run, every step of the sharded optimizer (LAWN: around SGD, per-row
+    sphere with gradient projection, on a hidden weight and the head) equals the same optimizer on the
     gathered full weights and gradients, within 1e-5 over 6 steps (fp32; torch AdamW in the same harness: below
     1e-6, the test below). Measured on CPU: 3e-8 to 5e-8."""
     assert max(_sharded_run(tmp_path, stage, name)) < 1e-5
@@ -113,5 +114,6 @@ def test_per_tensor_optimizers_under_zero_equal_the_unsharded_step(tmp_path, nam
 def test_the_harness_floor_and_the_shard_local_negative_control(tmp_path):
     floor = max(_sharded_run(tmp_path / "adamw", 2, "AdamW"))
     assert floor < 1e-6
-    for name in ("AdamP", "FAdam"):  # statistics without the all-reduce: visibly another algorithm
-        assert max(_sharded_run(tmp_path / f"{name}-naive", 2, name, "naive")) > 1e-3
+    # statistics without the all-reduce: visibly another algorithm (LAWN: only the rows a boundary splits)
+    for name, visible in (("AdamP", 1e-3), ("FAdam", 1e-3), ("LAWN", 1e-4)):
+        assert max(_sharded_run(tmp_path / f"{name}-naive", 2, name, "naive")) > visible

@@ -62,9 +62,10 @@ class LAWN(Technique):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         zero = strategy_info(trainer).zero_stage
-        if zero:
-            raise RuntimeError(f"LAWN under DeepSpeed ZeRO stage {zero} is not supported: the optimizer updates fp32 "
-                               "master partitions, which would overwrite LAWN's re-scaled weights. Use DDP.")
+        if zero == 3:  # ZeRO-1/2: LAWN rescales the fp32 master partitions exactly (optimizers/lawn.py)
+            raise RuntimeError(f"LAWN under DeepSpeed ZeRO stage {zero} is not supported yet: its partitions are "
+                               "per parameter, not the flat group partitions LAWN reads at stages 1 and 2. Use "
+                               "ZeRO stage 1 or 2, or DDP.")
         targets = self._targets(pl_module)
         weights = []
         for name, module in targets:

@@ -35,8 +35,12 @@ momentum, saves no radius; a resume then re-reads it from the weights, equal up 
 optimizers such as LBFGS are not supported.
 
 Under DeepSpeed ZeRO the module's weights are not the fp32 master copy that the optimizer
-updates, so re-scaling them would be overwritten: the step refuses when the constrained tensors
-are no longer in the param groups (the callback refuses earlier, at setup).
+updates, so re-scaling them would be overwritten. At ZeRO-1/2 the step therefore works on the fp32
+partitions themselves: norms, radii and the gradient projection from per-row / per-tensor partial sums
+(:mod:`.shard_layout`, one all-reduce per round), the rescale applied to the partition. Elsewhere (ZeRO-3,
+another flattening wrapper) the step refuses when the constrained tensors are no longer in the param groups
+(the callback refuses ZeRO-3 earlier, at setup). Under DeepSpeed the radii are not in the checkpoint yet: a
+resumed run re-reads them from the weights at its first constrained step.
 """
 
 from __future__ import annotations
@@ -149,9 +153,73 @@ class LAWN(WrapperOptimizer):
                 f"{_deepspeed_caller()}, whose fp32 master partitions would overwrite the re-scaled weights. "
                 "Use DDP for LAWN.")
 
+    def _on_partitions(self) -> bool:
+        known = {id(p) for g in self.param_groups for p in g["params"]}
+        return any(id(p) not in known for p in self.constrained)
+
+    def _step_on_partitions(self, zero) -> None:
+        """The step under DeepSpeed ZeRO-1/2: the norms (and the gradient projection) from per-row / per-tensor
+        partial sums over each group's fp32 partition, one all-reduce per round, and the rescale applied to the
+        partition itself — the fp32 master copy the engine all-gathers into the module next."""
+        from lightning_ext.optimizers import _sharding
+        from lightning_ext.optimizers.shard_layout import ShardLayout
+
+        cache = self.__dict__.setdefault("_shard_cache", {})
+        ours = {id(p) for p in self.constrained}
+        groups = []
+        for index, group in enumerate(self.param_groups):
+            (flat,) = group["params"]
+            if id(flat) not in cache:
+                members = zero.bit16_groups[index]
+                cache[id(flat)] = (ShardLayout.from_deepspeed(zero, index),
+                                   torch.tensor([id(p) in ours for p in members], device=flat.device))
+            groups.append((flat, *cache[id(flat)], zero.real_dp_process_group[index]))
+        constrained_phase = not self.in_free_phase
+        first = constrained_phase and self.__dict__.get("_group_radii") is None
+        if first or (constrained_phase and self.project_grad):
+            radii = []
+            for flat, layout, mask, pg in groups:
+                grad = flat.grad if self.project_grad and flat.grad is not None else None
+                stats = lawn_shard_partials(layout, flat, grad, norm_scope=self.norm_scope)
+                _sharding.all_reduce(stats, pg)
+                radii.append(stats[0].sqrt())
+                if grad is not None:
+                    lawn_shard_project_grad_(layout, flat, grad, stats, norm_scope=self.norm_scope, constrained=mask)
+            if first:
+                self._group_radii = radii
+                self._radii = self._radii_of_constrained(zero, groups)
+        self.base.step()
+        self._set_steps(self._steps + 1)
+        if constrained_phase:
+            for (flat, layout, mask, pg), radius in zip(groups, self._group_radii):
+                stats = lawn_shard_partials(layout, flat, norm_scope=self.norm_scope)
+                _sharding.all_reduce(stats, pg)
+                lawn_shard_rescale_(layout, flat, radius, stats, norm_scope=self.norm_scope,
+                                    constraint=self.constraint, constrained=mask)
+
+    def _radii_of_constrained(self, zero, groups) -> list[torch.Tensor]:
+        """Each constrained tensor's radius (for ``radii()`` and the diagnostics), cut from its group's."""
+        out = []
+        for p in self.constrained:
+            for index, (flat, layout, mask, pg) in enumerate(groups):
+                members = [id(q) for q in zero.bit16_groups[index]]
+                if id(p) in members:
+                    i = members.index(id(p))
+                    start = layout.row_base[i] if self.norm_scope == "row" else i
+                    count = layout.rows(i) if self.norm_scope == "row" else 1
+                    out.append(self._group_radii[index][start:start + count])
+        return out
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
+        if self._on_partitions():
+            from lightning_ext.optimizers._sharding import deepspeed_zero12_caller
+
+            zero = deepspeed_zero12_caller()
+            if zero is not None:
+                self._step_on_partitions(zero)
+                return loss
         self._check_not_flattened()
         constrained_phase = not self.in_free_phase
         if constrained_phase:

@@ -8,7 +8,6 @@ weights are compared. ``naive`` replaces the statistics' all-reduce by nothing (
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -19,6 +18,20 @@ OPTIMIZERS = {"AdamP": dict(lr=3e-2, weight_decay=1e-2, nesterov=True),
               "FAdam": dict(lr=3e-2, clip=0.1),
               "AdamW": dict(lr=3e-2, weight_decay=1e-2)}  # torch's: the harness's noise floor
 STEPS = 6
+
+
+def build(name: str, params: list, **extra):
+    """The optimizer under test on ``params`` (the module's, or the reference's full copies, in the same order)."""
+    import torch
+
+    import lightning_ext.optimizers as ours
+
+    if name == "LAWN":  # the first hidden weight (scale-invariant under BN) and the head, per row, with projection
+        base = torch.optim.SGD(params, lr=0.2, momentum=0.9)
+        matrices = [p for p in params if p.dim() == 2]
+        return ours.LAWN(base, [matrices[0], matrices[-1]], free_steps=2, norm_scope="row", project_grad=True)
+    cls = torch.optim.AdamW if name == "AdamW" else getattr(ours, name)
+    return cls(params, **OPTIMIZERS[name], **extra)
 
 
 def main(out: Path, stage: int, name: str, naive: bool) -> None:
@@ -33,11 +46,9 @@ def main(out: Path, stage: int, name: str, naive: bool) -> None:
 
     if naive:
         _sharding.all_reduce = lambda tensor, group: None
-    cls = getattr(importlib.import_module("torch.optim" if name == "AdamW" else "lightning_ext.optimizers"), name)
-
     class Model(MLPClassifier):
         def configure_optimizers(self):
-            return cls(self.parameters(), **OPTIMIZERS[name])
+            return build(name, list(self.parameters()))
 
     class Compare(pl.Callback):
         reference = copies = None
@@ -51,7 +62,7 @@ def main(out: Path, stage: int, name: str, naive: bool) -> None:
             grads = [safe_get_full_grad(p).detach().clone() for p in params]  # collectives: every rank calls
             if self.reference is None:
                 self.copies = [torch.nn.Parameter(safe_get_full_fp32_param(p).detach().clone()) for p in params]
-                self.reference = cls(self.copies, **OPTIMIZERS[name], foreach=False)
+                self.reference = build(name, self.copies, **({} if name == "LAWN" else {"foreach": False}))
             for c, g in zip(self.copies, grads):
                 c.grad = g
             self.reference.step()
