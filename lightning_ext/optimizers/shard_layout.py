@@ -127,11 +127,29 @@ class ShardLayout:
         return sum(self.rows(i) for i in range(len(self.shapes)))
 
     def param_of_row(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self._cached("param_of_row", device, self._build_param_of_row)
+
+    def _build_param_of_row(self, device: torch.device | str) -> torch.Tensor:
         return torch.repeat_interleave(torch.arange(len(self.shapes), device=device),
                                        torch.tensor([self.rows(i) for i in range(len(self.shapes))], device=device))
 
+    def _cached(self, key: str, device: torch.device | str, build) -> torch.Tensor:
+        """Index tensors are built once per device (a step reads them several times; callers never write them)."""
+        cache = self.__dict__.setdefault("_index_cache", {})  # a frozen dataclass may still hold a cache
+        slot = (key, str(torch.device(device)))
+        if slot not in cache:
+            cache[slot] = build(device)
+        return cache[slot]
+
     def row_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """For each local element its row in the fixed order; -1 for padding (elements of no parameter)."""
+        return self._cached("row", device, self._build_row_index)
+
+    def param_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """For each local element its parameter; -1 for padding."""
+        return self._cached("param", device, self._build_param_index)
+
+    def _build_row_index(self, device: torch.device | str) -> torch.Tensor:
         index = torch.full((self.local_numel,), -1, dtype=torch.long, device=device)
         for s in self.segments:
             row_len = math.prod(self.shapes[s.param]) // self.rows(s.param)
@@ -139,8 +157,7 @@ class ShardLayout:
             index[s.start:s.start + s.length] = local + self.row_base[s.param]
         return index
 
-    def param_index(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """For each local element its parameter; -1 for padding."""
+    def _build_param_index(self, device: torch.device | str) -> torch.Tensor:
         index = torch.full((self.local_numel,), -1, dtype=torch.long, device=device)
         for s in self.segments:
             index[s.start:s.start + s.length] = s.param
