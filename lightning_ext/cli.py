@@ -84,17 +84,17 @@ class LightningExtCLI(LightningCLI):
         check_manifest(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
 
     def after_fit(self) -> None:
-        report_run(self.trainer)
+        # trainer.log_dir broadcasts from rank 0: every rank asks, only rank 0 reports
+        report_run(self.trainer, self.trainer.log_dir if self.trainer.loggers else None)
 
 
 @rank_zero_only
-def report_run(trainer) -> None:
+def report_run(trainer, log_dir: str | None) -> None:
     """Draw the run's metrics and print, as the last line, where the checkpoint, the logs and the picture are."""
     parts = []
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and (checkpoint.best_model_path or checkpoint.last_model_path):
         parts.append(f"checkpoint: {checkpoint.best_model_path or checkpoint.last_model_path}")
-    log_dir = trainer.log_dir if trainer.loggers else None
     if log_dir is not None:
         parts.append(f"logs: {log_dir}")
         if (Path(log_dir) / "metrics.csv").is_file():
