@@ -144,18 +144,24 @@ def _decay_factor(projected: torch.Tensor | None, lr: float, weight_decay: float
     return torch.where(projected, reduced, plain)
 
 
+def _adam_direction_(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: float, *, beta1: float, beta2: float,
+                     eps: float, nesterov: bool) -> torch.Tensor:
+    """Update the moments in place and return Adam's direction ``d`` (before projection), for one tensor or one
+    rank's flat partition alike."""
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = v.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
+    if nesterov:
+        return torch.add(g, m, alpha=beta1 / (1 - beta1)).mul_(1 - beta1).div_(denom)
+    return torch.div(m, denom, out=denom)
+
+
 def _single_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
                          delta, wd_ratio, nesterov) -> None:
     for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step_t += 1
         step = step_t.item()  # a CPU tensor, as in torch.optim.Adam: no device sync
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = v.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
-        if nesterov:
-            d = torch.add(g, m, alpha=beta1 / (1 - beta1)).mul_(1 - beta1).div_(denom)
-        else:
-            d = torch.div(m, denom, out=denom)
+        d = _adam_direction_(g, m, v, step, beta1=beta1, beta2=beta2, eps=eps, nesterov=nesterov)
         projected = _project_(d, p, g, delta, eps)
         if weight_decay > 0:
             p.mul_(_decay_factor(projected, lr, weight_decay, wd_ratio, p))
@@ -219,13 +225,7 @@ def adamp_shard_prepare(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: to
     """The elementwise half of an AdamP step on a rank's flat local tensors (``m``, ``v`` updated in place;
     ``step`` counts from 1): returns the update direction ``d`` and this rank's partial row statistics, which the
     ranks sum (one collective of ``[4, total_rows]`` per step, whatever the number of parameters)."""
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = v.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
-    if nesterov:
-        d = torch.add(g, m, alpha=beta1 / (1 - beta1)).mul_(1 - beta1).div_(denom)
-    else:
-        d = torch.div(m, denom, out=denom)
+    d = _adam_direction_(g, m, v, step, beta1=beta1, beta2=beta2, eps=eps, nesterov=nesterov)
     return d, projection_partials(layout, p, g, d, row_index)
 
 
@@ -295,6 +295,14 @@ class SGDP(PerTensorOptimizer):
              eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"])
 
 
+def _sgd_direction_(g: torch.Tensor, buf: torch.Tensor, *, momentum: float, dampening: float,
+                    nesterov: bool) -> torch.Tensor:
+    """Update the momentum buffer in place; the direction is the buffer itself without Nesterov (the reference
+    projects it in place), for one tensor or one rank's flat partition alike."""
+    buf.mul_(momentum).add_(g, alpha=1 - dampening)
+    return g + momentum * buf if nesterov else buf
+
+
 def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], *, foreach: bool | None,
          lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, eps: float, delta: float,
          wd_ratio: float, fused: bool | None = None) -> None:
@@ -316,8 +324,7 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch
     else:
         d = []
         for g, buf in zip(grads, bufs):
-            buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            d.append(g + momentum * buf if nesterov else buf)
+            d.append(_sgd_direction_(g, buf, momentum=momentum, dampening=dampening, nesterov=nesterov))
     factors = []
     for p, g, d_i in zip(params, grads, d):
         projected = _project_(d_i, p, g, delta, eps)
@@ -342,8 +349,7 @@ def sgdp_shard_prepare(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, *, l
     """SGDP's elementwise half on a rank's flat local tensors (``buf`` updated in place): the direction ``d``
     (the momentum buffer itself without Nesterov, as in the reference, so the projection lands in the buffer)
     and this rank's partial row statistics for the one all-reduce."""
-    buf.mul_(momentum).add_(g, alpha=1 - dampening)
-    d = g + momentum * buf if nesterov else buf
+    d = _sgd_direction_(g, buf, momentum=momentum, dampening=dampening, nesterov=nesterov)
     return d, projection_partials(layout, p, g, d, row_index)
 
 

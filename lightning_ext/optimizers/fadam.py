@@ -231,12 +231,11 @@ def fadam_shard_finish(w: torch.Tensor, m: torch.Tensor, gbar: torch.Tensor, wba
 
     numel = torch.tensor([math.prod(s) for s in layout.shapes], dtype=stats2.dtype, device=stats2.device)
     rms_gbar = stats2[0].sqrt() / numel.sqrt()
-    m.lerp_(gbar.div_(per_element(layout, (rms_gbar / clip).clamp_min(1.0), 1.0)), 1 - beta1)
+    m.lerp_(_clip_(gbar, per_element(layout, rms_gbar, 0.0), clip), 1 - beta1)  # padding: rms 0, divisor 1
     if weight_decay > 0:
         count = numel if dead_coord_wd == "paper" else stats2[2].clamp_min(1)
         rms_wbar = stats2[1].sqrt() / count.sqrt()
-        wbar.div_(per_element(layout, (rms_wbar / clip).clamp_min(1.0), 1.0))
-        w.add_(wbar.to(w.dtype), alpha=-lr * weight_decay)
+        w.add_(_clip_(wbar, per_element(layout, rms_wbar, 0.0), clip).to(w.dtype), alpha=-lr * weight_decay)
     w.add_(m.to(w.dtype), alpha=-lr)
 
 
