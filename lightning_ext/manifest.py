@@ -80,6 +80,17 @@ def config_args(cls: type, init_args: dict[str, Any]) -> dict[str, Any]:
     return {k: plain_value(v) for k, v in init_args.items() if k not in skip}
 
 
+def _with_later_defaults(cls: type, saved_args: dict[str, Any]) -> dict[str, Any]:
+    """``saved_args`` plus the default of every argument ``cls`` gained after the checkpoint was written (a
+    checkpoint that predates e.g. the adapters' ``seed`` trained with what that default means)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    later = {k: plain_value(p.default) for k, p in params.items()
+             if k not in saved_args and k != "self" and p.default is not inspect.Parameter.empty}
+    return config_args(cls, {**saved_args, **later})
+
+
 def manifest_entry(callback: pl.Callback) -> dict[str, Any]:
     cls = type(callback)
     return {"name": getattr(callback, "technique_name", cls.__name__),
@@ -145,7 +156,7 @@ def check_manifest(trainer: pl.Trainer, ckpt_path: str | Path | None = None) -> 
             f"{[saved[m]['init_args'] for m in missing]}), or build them with "
             "lightning_ext.manifest.techniques_from_checkpoint(ckpt_path).")
     for key, entry in saved.items():  # saved as the present class counts configuration (older ones kept data too)
-        entry["init_args"] = config_args(classes[key], entry["init_args"])
+        entry["init_args"] = _with_later_defaults(classes[key], entry["init_args"])
     changed = [n for n in saved if saved[n]["init_args"] != present[n]["init_args"]]
     if changed:
         raise RuntimeError(

@@ -39,11 +39,13 @@ class Entry:
 
 
 class MLPWith(MLPClassifier):
-    """The demo MLP (with BatchNorm, so scale-invariant weights exist) trained by a given optimizer."""
+    """The demo MLP trained by a given optimizer, with LayerNorm after the hidden Linear (so a scale-invariant
+    weight exists for AdamP/SGDP's projection, and each sample is normalised alone: 2 ranks of 32 compute what
+    one process computes on the batch of 64, which BatchNorm's per-rank batch statistics would not)."""
 
-    def __init__(self, optimizer: str, **optimizer_args) -> None:
+    def __init__(self, optimizer: str, batch_norm: bool = False, **optimizer_args) -> None:
         # a class path, not a class: hyper-parameters in checkpoints must load with weights_only=True
-        super().__init__(hidden=[32], batch_norm=True)
+        super().__init__(hidden=[32], batch_norm=batch_norm, layer_norm=not batch_norm)
         self.optimizer_path, self.optimizer_args = optimizer, optimizer_args
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -87,7 +89,7 @@ REGISTRY: list[Entry] = [
           config="configs/optimizers/fadam.yaml", deepspeed=SHARDED_ZERO12),
     # free phase ends at step 10: the resume test stops (13) and resumes inside the constrained phase
     Entry(name="lawn", data=_digits, config="configs/lawn.yaml",
-          model=lambda: MLPClassifier(hidden=[32], batch_norm=True, lr=1e-2),
+          model=lambda: MLPClassifier(hidden=[32], layer_norm=True, lr=1e-2),
           callbacks=lambda: [LAWN(free_steps=10, layers=["net.3"])],
           deepspeed={1: "train", 2: "train", 3: "LAWN under DeepSpeed ZeRO stage"}),
     Entry(name="cram", data=_digits, config="configs/cram.yaml",

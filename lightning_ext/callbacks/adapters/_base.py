@@ -6,6 +6,11 @@ child — by ``peft.get_peft_model(model, config)``. The user's ``configure_opti
 adapter (and ``modules_to_save``) parameters as trainable. Target patterns follow peft's ``target_modules``
 rules; a pattern that matches nothing is refused with the list of modules that exist.
 
+The random initialisation (LoRA's A, LoTR's factors, GoRA's A) is drawn from a generator seeded by the
+callback's ``seed`` (default: the process's torch seed), not from wherever the global stream stands at ``setup``:
+one process and every rank of a DDP or DeepSpeed run start from the same adapter, so a 2-rank run computes what
+one process computes (``tests/test_ranks.py``).
+
 Data-dependent structure (EVA's and GoRA's per-layer ranks) is kept in the callback state, so it is in every
 checkpoint; when a fit resumes, ``setup`` reads it from the checkpoint file and rebuilds the same structure
 without calibrating (the restore then loads the weights). :meth:`PeftAdapter.save_adapter` writes peft's format
@@ -22,11 +27,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_ext._bnb_compat import keep_training_layout
-from lightning_ext._checks import check_names, check_str
+from lightning_ext._checks import check_int, check_names, check_str
 from lightning_ext._lightning_compat import pending_ckpt_path
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.manifest import load_checkpoint_dict, saved_callback_state
@@ -89,11 +95,13 @@ class PeftAdapter(Technique):
     identity_args = ("attr", "target_modules")  # two adapters on different models of one module can coexist
 
     def __init__(self, target_modules: str | list[str], attr: str | None = None,
-                 modules_to_save: list[str] | None = None) -> None:
+                 modules_to_save: list[str] | None = None, seed: int | None = None) -> None:
         super().__init__()
         check_names("target_modules", target_modules)
         check_str("attr", attr, optional=True)
         check_names("modules_to_save", modules_to_save, optional=True)
+        check_int("seed", seed, 0, optional=True)
+        self.seed = seed
         if not isinstance(target_modules, str):  # a regex string, else a list (a tuple default is not YAML/peft)
             target_modules = list(target_modules)
         self.target_modules, self.attr, self.modules_to_save = target_modules, attr, modules_to_save
@@ -141,9 +149,15 @@ class PeftAdapter(Technique):
         setattr(pl_module, self.attr_name, peft_model)
 
     def setup_peft(self, config: Any, model: nn.Module) -> nn.Module:
+        """peft's surgery, its random initialisation drawn from a generator seeded by ``seed`` (``None``: the
+        process's torch seed, ``torch.initial_seed()``, which ``seed_everything`` sets). The draw therefore does
+        not depend on how many random numbers were drawn before ``setup``: Lightning re-seeds each launched
+        process, so one process and every DDP/DeepSpeed rank would otherwise start from different adapters."""
         from peft import get_peft_model
 
-        return get_peft_model(model, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch.initial_seed() if self.seed is None else self.seed)
+            return get_peft_model(model, config)
 
     def peft_model(self, pl_module: pl.LightningModule) -> nn.Module:
         return getattr(pl_module, self.attr_name or adapter_attribute(pl_module, self.attr))

@@ -37,8 +37,8 @@ class Bone(PeftAdapter):
 
     def __init__(self, r: int = 16, target_modules: str | list[str] = ("query", "value"), mode: str = "bat",
                  mini_r: int = 1, dropout: float = 0.0, attr: str | None = None,
-                 modules_to_save: list[str] | None = None) -> None:
-        super().__init__(target_modules, attr, modules_to_save)
+                 modules_to_save: list[str] | None = None, seed: int | None = None) -> None:
+        super().__init__(target_modules, attr, modules_to_save, seed)
         check_choice("mode", mode, BONE_MODES)
         check_int("r", r, 1)
         check_int("mini_r", mini_r, 1)

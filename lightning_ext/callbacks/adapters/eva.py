@@ -37,8 +37,9 @@ class EVA(LoRA):
     def __init__(self, r: int = 8, alpha: float = 16.0, target_modules: str | list[str] = ("query", "value"),
                  rho: float = 2.0, tau: float = 0.99, whiten: bool = False, use_label_mask: bool | str = "auto",
                  calibration_dataloader: Iterable | None = None, calibration_batches: int | None = 8,
-                 dropout: float = 0.0, attr: str | None = None, modules_to_save: list[str] | None = None) -> None:
-        super().__init__(r, alpha, target_modules, dropout, attr, modules_to_save)
+                 dropout: float = 0.0, attr: str | None = None, modules_to_save: list[str] | None = None,
+                 seed: int | None = None) -> None:
+        super().__init__(r, alpha, target_modules, dropout, attr, modules_to_save, seed=seed)
         check_number("rho", rho, 1.0)
         check_number("tau", tau, 0.0, 1.0)
         check_bool("whiten", whiten)

@@ -42,13 +42,13 @@ class GoRA(LoRA):
                  rounding: str = "round", calibration_steps: int = 8, calibration_dataloader: Iterable | None = None,
                  seed: int = 0, dropout: float = 0.0, attr: str | None = None,
                  modules_to_save: list[str] | None = None) -> None:
-        super().__init__(r, alpha, target_modules, dropout, attr, modules_to_save, use_rslora=True)
+        check_int("seed", seed, 0)  # not optional here: GoRA's default is a fixed seed
+        super().__init__(r, alpha, target_modules, dropout, attr, modules_to_save, use_rslora=True, seed=seed)
         check_int("r_min", r_min, 1, optional=True)
         check_int("r_max", r_max, 1, optional=True)
         check_number("gamma", gamma, 0.0, low_open=True)
         check_choice("sign", sign, (-1, 1))
         check_int("calibration_steps", calibration_steps, 1)
-        check_int("seed", seed, 0)
         self.r_min = max(1, r // 2) if r_min is None else r_min
         self.r_max = 4 * r if r_max is None else r_max
         if not 1 <= self.r_min <= r <= self.r_max:
@@ -56,7 +56,7 @@ class GoRA(LoRA):
         from lightning_ext.nn.gora import ROUNDINGS
 
         check_choice("rounding", rounding, ROUNDINGS)
-        self.gamma, self.sign, self.rounding, self.seed = gamma, sign, rounding, seed
+        self.gamma, self.sign, self.rounding = gamma, sign, rounding
         self.calibration_steps, self.calibration_dataloader = calibration_steps, calibration_dataloader
         self._grads: dict[str, torch.Tensor] = {}
 
@@ -122,11 +122,6 @@ class GoRA(LoRA):
             raise ValueError("GoRA has no calibrated ranks: calibration runs in a fit; to evaluate without one, "
                              "pass the fit's ckpt_path (its ranks are in the checkpoint)")
         return LoraConfig(**self.lora_kwargs(), rank_pattern=dict(ranks))
-
-    def setup_peft(self, config: Any, model: nn.Module) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)  # the random A: identical on every rank
-            return super().setup_peft(config, model)
 
     def initialize(self, trainer: pl.Trainer, pl_module: pl.LightningModule, peft_model: nn.Module) -> None:
         from lightning_ext.nn.gora import gora_b_init

@@ -19,14 +19,16 @@ class LoRA(PeftAdapter):
         r / alpha / dropout: LoRA rank, ``lora_alpha``, ``lora_dropout``.
         target_modules: peft patterns (e.g. ``[query, value]``); attr / modules_to_save: see the module docstring.
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        seed: seeds the adapters' random initialisation (``None``: the process's torch seed); see
+            :meth:`PeftAdapter.setup_peft <lightning_ext.callbacks.adapters._base.PeftAdapter.setup_peft>`.
     """
 
     method = "LoRA"
 
     def __init__(self, r: int = 8, alpha: float = 16.0, target_modules: str | list[str] = ("query", "value"),
                  dropout: float = 0.0, attr: str | None = None, modules_to_save: list[str] | None = None,
-                 use_rslora: bool = False) -> None:
-        super().__init__(target_modules, attr, modules_to_save)
+                 use_rslora: bool = False, seed: int | None = None) -> None:
+        super().__init__(target_modules, attr, modules_to_save, seed)
         check_int("r", r, 1)
         check_number("alpha", alpha, 0.0, low_open=True)
         check_number("dropout", dropout, 0.0, 1.0, high_open=True)

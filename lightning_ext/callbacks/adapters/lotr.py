@@ -26,8 +26,9 @@ class LoTR(PeftAdapter):
     method = "LoTR"
 
     def __init__(self, r: int = 16, alpha: float = 1.0, target_modules: str | list[str] = ("query", "value"),
-                 init_std: float = 1.0, attr: str | None = None, modules_to_save: list[str] | None = None) -> None:
-        super().__init__(target_modules, attr, modules_to_save)
+                 init_std: float = 1.0, attr: str | None = None, modules_to_save: list[str] | None = None,
+                 seed: int | None = None) -> None:
+        super().__init__(target_modules, attr, modules_to_save, seed)
         check_int("r", r, 1)
         check_number("alpha", alpha, 0.0, low_open=True)
         check_number("init_std", init_std, 0.0, low_open=True)
