@@ -84,9 +84,11 @@ def make_trainer(entry: Entry, root: Path, max_steps: int, callbacks: list[pl.Ca
 
 
 def fit(entry: Entry, root: Path, max_steps: int, ckpt_path: str | None = None,
-        callbacks: list[pl.Callback] | None = None, **kwargs: Any) -> pl.Trainer:
+        callbacks: list[pl.Callback] | None = None, batch_scale: int = 1, **kwargs: Any) -> pl.Trainer:
+    """Seeded fit of ``entry``; ``batch_scale`` multiplies the datamodule's (per-process) batch size."""
     pl.seed_everything(0, verbose=False)
     model, data = entry.model(), entry.data()
+    data.batch_size *= batch_scale
     trainer = make_trainer(entry, root, max_steps, callbacks, **kwargs)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return trainer
@@ -137,8 +139,24 @@ def rank_states(out: Path, world_size: int) -> list[dict[str, Any]]:
     return [torch.load(f, weights_only=False) for f in files]
 
 
-def initial_parameters(entry: Entry, root: Path) -> dict[str, torch.Tensor]:
+def one_process_parameters(entry: Entry, root: Path, world_size: int, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """Full parameters after a one-process run of ``entry`` on the **global** batch of a ``world_size``-process
+    run (``world_size`` × the per-process batch), in the same data order: the suite's sampler is a
+    ``DistributedSampler`` over one seeded permutation (rank r reads every ``world_size``-th index of it), so
+    global batch k of the ranks holds exactly one process's batch k. Lightning's own distributed sampler is
+    never put in (``ResumableDataModule`` brings its own), so nothing reshuffles on either side."""
+    trainer = fit(entry, root, entry.steps, batch_scale=world_size, **kwargs)
+    return {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters()}
+
+
+def worst_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max |a - b| over the parameters both hold (same names and shapes required)."""
+    assert set(a) == set(b), f"parameter names differ: {sorted(set(a) ^ set(b))[:6]}"
+    return max((a[n].double() - b[n].double()).abs().max().item() for n in a)
+
+
+def initial_parameters(entry: Entry, root: Path, **kwargs: Any) -> dict[str, torch.Tensor]:
     """The parameters a run of ``entry`` starts training from, named as during training: after the
     technique's setup (an adapter renames and adds parameters), before any step (``max_steps=0``)."""
-    trainer = fit(entry, root, 0)
+    trainer = fit(entry, root, 0, **kwargs)
     return {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters()}

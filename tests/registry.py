@@ -36,6 +36,8 @@ class Entry:
     #: total steps, and where the resume test stops (mid-epoch on purpose)
     steps: int = 30
     resume_at: int = 13
+    #: precision in which a 2-process run is compared with one process (tests/test_ranks.py)
+    equality_precision: str = "32-true"
 
 
 class MLPWith(MLPClassifier):
@@ -107,8 +109,11 @@ REGISTRY: list[Entry] = [
           data=lambda: SplitDigitsDataModule(task=0, batch_size=8, seed=0),
           model=lambda: ContinualMLP(hidden=[32, 32], num_tasks=2),
           callbacks=lambda: [CLNP(l1=1e-3, margin=0.015)]),
-    # quantization starts at step 20: the resume test stops (13) before it and resumes across the switch
-    Entry(name="quest", data=_digits, config="configs/quest.yaml",
+    # quantization starts at step 20: the resume test stops (13) before it and resumes across the switch.
+    # Compared with one process in float64: round-to-nearest is discontinuous, so in fp32 the ~1e-7 of
+    # reduction-order noise between 2 ranks and one process flips a few quantized values once quantization starts
+    # and the runs part by ~1e-2 after 10 steps; in float64 they agree to ~1e-14 (same arithmetic, no flips).
+    Entry(name="quest", data=_digits, config="configs/quest.yaml", equality_precision="64-true",
           model=lambda: MLPClassifier(hidden=[128, 128], lr=1e-2),
           callbacks=lambda: [QuEST(bits=4, targets=["net.2"], start_step=20, log_every=5)]),
     Entry(name="compander", data=_digits, config="configs/compander.yaml",

@@ -113,5 +113,9 @@ class TweetSentimentDataModule(ResumableDataModule):
         return super().val_dataloader()
 
     def calibration_dataloader(self) -> DataLoader:
+        """The calibration part in order, not distributed: every rank reads the same batches, each of the
+        **global** batch size (``batch_size`` × the trainer's world size), so EVA's and GoRA's calibration on N
+        processes computes what it computes on one process whose batch is the global batch."""
         self.setup()
-        return DataLoader(self.parts["calibration"], batch_size=self.batch_size, shuffle=False)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return DataLoader(self.parts["calibration"], batch_size=self.batch_size * world, shuffle=False)
