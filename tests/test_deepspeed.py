@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO 1/2/3 on CPU (2 processes, gloo): each technique trains with agreeing ranks, or
+"""DeepSpeed ZeRO 1/2/3 on CPU (2 processes, gloo): each technique trains and computes what one process computes
+on the global batch (the full fp32 weights, gathered, within ``test_ranks.TOLERANCE`` of the one-process run), or
 is refused at setup with a message naming the stage — never a silent wrong result."""
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import sys
 import pytest
 import torch
 
-from harness import differences, initial_parameters, rank_states
+from harness import differences, initial_parameters, one_process_parameters, rank_states, worst_difference
 from registry import REGISTRY
+from test_ranks import TOLERANCE
 
 pytest.importorskip("deepspeed")
 
@@ -42,6 +44,9 @@ def test_deepspeed_cpu(entry, stage, tmp_path):
         initial = initial_parameters(entry, tmp_path / "initial")  # after setup, before any step
         common = [n for n in initial if n in r0["params"]]
         assert common and any(not torch.equal(r0["params"][n], initial[n].detach()) for n in common), "nothing trained"
+        one = one_process_parameters(entry, tmp_path / "one", 2)  # no DeepSpeed, the global batch
+        worst = worst_difference(r0["params"], one)
+        assert worst < entry.sharded_tolerance, f"max |ZeRO-{stage} - one process| {worst:.3e}"
     else:
         assert errors, f"expected a refusal matching {expected!r}; run ended with rc={proc.returncode}"
         message = errors[0].read_text().splitlines()[0]
@@ -85,7 +90,8 @@ def test_shard_layout_read_from_deepspeed_matches_its_fp32_partitions(tmp_path, 
 SHARDED = [(name, stage) for name in ("AdamP", "SGDP", "FAdam", "LAWN") for stage in (1, 2)]
 
 
-def _sharded_run(tmp_path, stage: int, name: str, *extra: str) -> list[float]:
+def _sharded_run(tmp_path, stage: int, name: str, *extra: str, collectives: bool = False):
+    """The worst |sharded - full| per step (and with ``collectives``, also the statistic all-reduces per step)."""
     import json
 
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -93,9 +99,9 @@ def _sharded_run(tmp_path, stage: int, name: str, *extra: str) -> list[float]:
     proc = subprocess.run([sys.executable, script, str(tmp_path), str(stage), name, *extra], cwd=tmp_path,
                           capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text())["worst"] for r in range(2)]
-    assert ranks[0] == ranks[1] and len(ranks[0]) == 6
-    return ranks[0]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1] and len(ranks[0]["worst"]) == 6
+    return (ranks[0]["worst"], ranks[0]["collectives"]) if collectives else ranks[0]["worst"]
 
 
 @pytest.mark.slow
@@ -117,3 +123,16 @@ def test_the_harness_floor_and_the_shard_local_negative_control(tmp_path):
     # statistics without the all-reduce: visibly another algorithm (LAWN: only the rows a boundary splits)
     for name, visible in (("AdamP", 1e-3), ("FAdam", 1e-3), ("LAWN", 1e-4)):
         assert max(_sharded_run(tmp_path / f"{name}-naive", 2, name, "naive")) > visible
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["AdamP", "FAdam", "LAWN"])
+def test_collectives_per_step_do_not_grow_with_the_number_of_parameters(tmp_path, name):
+    """The statistics of a step travel in a fixed number of all-reduces (one per statistic round and param
+    group), whatever the number of tensors: a model with twice the layers makes exactly as many per step.
+    (LAWN: none in its free steps, then one per round.)"""
+    _, shallow = _sharded_run(tmp_path / "shallow", 2, name, collectives=True)
+    _, deep = _sharded_run(tmp_path / "deep", 2, name, "deep", collectives=True)
+    assert deep == shallow and max(shallow) <= 2, (shallow, deep)
+    assert max(shallow) >= 1  # the statistics are reduced at all (the negative control above shows they must be)

@@ -113,9 +113,11 @@ class TweetSentimentDataModule(ResumableDataModule):
         return super().val_dataloader()
 
     def calibration_dataloader(self) -> DataLoader:
-        """The calibration part in order, not distributed: every rank reads the same batches, each of the
-        **global** batch size (``batch_size`` × the trainer's world size), so EVA's and GoRA's calibration on N
-        processes computes what it computes on one process whose batch is the global batch."""
+        """The calibration part in order, not distributed: every rank reads the same batches, each as large as
+        one optimizer step's **global** batch (``batch_size`` × world size × ``accumulate_grad_batches``), so
+        EVA's and GoRA's calibration on N processes, or with accumulation, computes what it computes on one
+        process whose batch is that global batch."""
         self.setup()
-        world = self.trainer.world_size if self.trainer is not None else 1
-        return DataLoader(self.parts["calibration"], batch_size=self.batch_size * world, shuffle=False)
+        trainer = self.trainer
+        scale = trainer.world_size * trainer.accumulate_grad_batches if trainer is not None else 1
+        return DataLoader(self.parts["calibration"], batch_size=self.batch_size * scale, shuffle=False)

@@ -1,9 +1,10 @@
 """A per-tensor optimizer under a live 2-process DeepSpeed ZeRO-1/2 run (CPU) against the same optimizer on full
 tensors fed the same gradients: before each step the full fp32 weights and averaged gradients are gathered
 (``safe_get_full_*``), a reference copy of the optimizer steps on them, and after DeepSpeed's step the gathered
-weights are compared. ``naive`` replaces the statistics' all-reduce by nothing (shard-local statistics).
+weights are compared. ``naive`` replaces the statistics' all-reduce by nothing (shard-local statistics); ``deep``
+trains a model with twice the layers. Every rank also records how many statistic all-reduces each step made.
 
-    python tests/scripts/deepspeed_sharded_optimizer.py OUT STAGE OPTIMIZER [naive]
+    python tests/scripts/deepspeed_sharded_optimizer.py OUT STAGE OPTIMIZER [naive] [deep]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def build(name: str, params: list, **extra):
     return cls(params, **OPTIMIZERS[name], **extra)
 
 
-def main(out: Path, stage: int, name: str, naive: bool) -> None:
+def main(out: Path, stage: int, name: str, naive: bool, deep: bool) -> None:
     import lightning.pytorch as pl
     import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
@@ -44,8 +45,16 @@ def main(out: Path, stage: int, name: str, naive: bool) -> None:
     from lightning_ext.optimizers import _sharding
     from lightning_ext.strategies import DeepSpeedCPUStrategy
 
-    if naive:
-        _sharding.all_reduce = lambda tensor, group: None
+    calls = [0]
+    reduce = _sharding.all_reduce
+
+    def counted(tensor, group):
+        calls[0] += 1
+        if not naive:
+            reduce(tensor, group)
+
+    _sharding.all_reduce = counted
+
     class Model(MLPClassifier):
         def configure_optimizers(self):
             return build(name, list(self.parameters()))
@@ -53,6 +62,7 @@ def main(out: Path, stage: int, name: str, naive: bool) -> None:
     class Compare(pl.Callback):
         reference = copies = None
         worst: list = []
+        collectives: list = []
 
         def _params(self, pl_module):
             return [p for p in pl_module.parameters() if p.requires_grad]
@@ -70,6 +80,8 @@ def main(out: Path, stage: int, name: str, naive: bool) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             after = [safe_get_full_fp32_param(p).detach() for p in self._params(pl_module)]
             self.worst.append(max(float((a - c.detach()).abs().max()) for a, c in zip(after, self.copies)))
+            self.collectives.append(calls[0])
+            calls[0] = 0
 
     compare = Compare()
     pl.seed_everything(0, verbose=False)
@@ -77,12 +89,14 @@ def main(out: Path, stage: int, name: str, naive: bool) -> None:
                          logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
                          enable_model_summary=False, callbacks=[compare])
     # odd widths: partition boundaries fall inside rows; BatchNorm makes the hidden weights scale-invariant
-    trainer.fit(Model(hidden=[13, 7], batch_norm=True), datamodule=DigitsDataModule(batch_size=32))
-    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"worst": compare.worst}))
+    hidden = [13, 7, 11, 5] if deep else [13, 7]
+    trainer.fit(Model(hidden=hidden, batch_norm=True), datamodule=DigitsDataModule(batch_size=32))
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"worst": compare.worst,
+                                                                     "collectives": compare.collectives}))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], len(sys.argv) > 4 and sys.argv[4] == "naive")
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], "naive" in sys.argv[4:], "deep" in sys.argv[4:])
     import torch.distributed as dist
 
     if dist.is_initialized():
