@@ -2,9 +2,9 @@
 tensors fed the same gradients: before each step the full fp32 weights and averaged gradients are gathered
 (``safe_get_full_*``), a reference copy of the optimizer steps on them, and after DeepSpeed's step the gathered
 weights are compared. ``naive`` replaces the statistics' all-reduce by nothing (shard-local statistics); ``deep``
-trains a model with twice the layers. Every rank also records how many statistic all-reduces each step made.
+trains a model with twice the layers; ``noscatter`` turns ZeRO-2's reduce-scatter of gradients off (all-reduce). Every rank also records how many statistic all-reduces each step made.
 
-    python tests/scripts/deepspeed_sharded_optimizer.py OUT STAGE OPTIMIZER [naive] [deep]
+    python tests/scripts/deepspeed_sharded_optimizer.py OUT STAGE OPTIMIZER [naive] [deep] [noscatter]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def build(name: str, params: list, **extra):
     return cls(params, **OPTIMIZERS[name], **extra)
 
 
-def main(out: Path, stage: int, name: str, naive: bool, deep: bool) -> None:
+def main(out: Path, stage: int, name: str, naive: bool, deep: bool, scatter: bool) -> None:
     import lightning.pytorch as pl
     import torch
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
@@ -85,7 +85,7 @@ def main(out: Path, stage: int, name: str, naive: bool, deep: bool) -> None:
 
     compare = Compare()
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DeepSpeedCPUStrategy(stage=stage), max_steps=STEPS,
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DeepSpeedCPUStrategy(stage=stage, reduce_scatter=scatter), max_steps=STEPS,
                          logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_val_batches=0,
                          enable_model_summary=False, callbacks=[compare])
     # odd widths: partition boundaries fall inside rows; BatchNorm makes the hidden weights scale-invariant
@@ -96,7 +96,8 @@ def main(out: Path, stage: int, name: str, naive: bool, deep: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], "naive" in sys.argv[4:], "deep" in sys.argv[4:])
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], "naive" in sys.argv[4:], "deep" in sys.argv[4:],
+         "noscatter" not in sys.argv[4:])
     import torch.distributed as dist
 
     if dist.is_initialized():
