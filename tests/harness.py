@@ -133,6 +133,13 @@ class DumpRankState(pl.Callback):
         torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
 
 
+def ddp_rank_states(entry: Entry, root: Path, **kwargs: Any) -> list[dict[str, Any]]:
+    """Train ``entry`` on 2 DDP processes (``ddp_fork``, gloo); each rank's end state (``DumpRankState``)."""
+    fit(entry, root, entry.steps, callbacks=[DumpRankState(root / "ranks")], strategy="ddp_fork", devices=2,
+        **kwargs)
+    return rank_states(root / "ranks", 2)
+
+
 def rank_states(out: Path, world_size: int) -> list[dict[str, Any]]:
     files = sorted(Path(out).glob("rank*.pt"))
     assert len(files) == world_size, f"expected {world_size} rank files in {out}, found {[f.name for f in files]}"

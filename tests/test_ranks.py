@@ -14,25 +14,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import DumpRankState, differences, fit, initial_parameters, one_process_parameters, rank_states
-from harness import worst_difference
+from harness import ddp_rank_states, differences, initial_parameters, one_process_parameters, worst_difference
 from registry import BY_NAME, REGISTRY
 
 TOLERANCE = 1e-5
 FLOOR = 1e-6  # torch AdamW (baseline_adamw) must stay below this: the margin the tolerance leaves
 
 
-def _two_ranks(entry, root, **kwargs):
-    fit(entry, root, entry.steps, callbacks=[DumpRankState(root / "ranks")], strategy="ddp_fork", devices=2,
-        **kwargs)
-    return rank_states(root / "ranks", 2)
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
 def test_two_ranks_agree_and_equal_one_process(entry, tmp_path):
     precision = {"precision": entry.equality_precision}
-    r0, r1 = _two_ranks(entry, tmp_path, **precision)
+    r0, r1 = ddp_rank_states(entry, tmp_path, **precision)
     assert r0["world_size"] == 2 and r0["global_step"] == entry.steps
     assert differences(r0, r1) == []
     one = one_process_parameters(entry, tmp_path / "one", 2, **precision)
@@ -53,7 +46,7 @@ def test_a_rank_local_technique_fails_the_one_process_comparison(tmp_path, monke
 
     monkeypatch.setattr(reweighting, "gather_losses", lambda trainer, local: (local, None, 0))
     entry = BY_NAME["reweighting"]
-    r0, r1 = _two_ranks(entry, tmp_path)  # forked after the patch: both ranks use it
+    r0, r1 = ddp_rank_states(entry, tmp_path)  # forked after the patch: both ranks use it
     assert differences(r0["params"], r1["params"]) == []
     monkeypatch.undo()
     one = one_process_parameters(entry, tmp_path / "one", 2)
