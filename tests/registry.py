@@ -60,11 +60,8 @@ class MLPWith(MLPClassifier):
         return getattr(importlib.import_module(module), name)(self.parameters(), **self.optimizer_args)
 
 
-#: what a shape-dependent optimizer must say under DeepSpeed ZeRO (the stage is checked too)
-FLAT_PARTITIONS = r"flat 1-D partitions.*DeepSpeed ZeRO stage"
-REFUSE_ZERO = {1: FLAT_PARTITIONS, 2: FLAT_PARTITIONS, 3: FLAT_PARTITIONS}
-#: the per-tensor optimizers compute their statistics exactly on ZeRO-1/2 partitions (shard_layout.py); ZeRO-3 next
-SHARDED_ZERO12 = {1: "train", 2: "train", 3: FLAT_PARTITIONS}
+#: the per-tensor optimizers (AdamP, SGDP, FAdam) compute their statistics exactly on ZeRO-1/2/3 partitions
+#: (shard_layout.py): their entries train under every stage
 
 
 def _digits() -> DigitsDataModule:
@@ -87,13 +84,13 @@ REGISTRY: list[Entry] = [
         data=_digits,
         config="configs/baseline.yaml",
     ),
-    Entry(name="adamp", data=_digits, config="configs/optimizers/adamp.yaml", deepspeed=SHARDED_ZERO12,
+    Entry(name="adamp", data=_digits, config="configs/optimizers/adamp.yaml",
           model=lambda: MLPWith("lightning_ext.optimizers.AdamP", lr=3e-3, weight_decay=1e-2, nesterov=True)),
-    Entry(name="sgdp", data=_digits, config="configs/optimizers/sgdp.yaml", deepspeed=SHARDED_ZERO12,
+    Entry(name="sgdp", data=_digits, config="configs/optimizers/sgdp.yaml",
           model=lambda: MLPWith("lightning_ext.optimizers.SGDP", lr=0.05, momentum=0.9, weight_decay=1e-4,
                                 nesterov=True)),
     Entry(name="fadam", data=_digits, model=lambda: MLPWith("lightning_ext.optimizers.FAdam", lr=3e-3),
-          config="configs/optimizers/fadam.yaml", deepspeed=SHARDED_ZERO12),
+          config="configs/optimizers/fadam.yaml"),
     # free phase ends at step 10: the resume test stops (13) and resumes inside the constrained phase
     Entry(name="lawn", data=_digits, config="configs/lawn.yaml",
           model=lambda: MLPClassifier(hidden=[32], layer_norm=True, lr=1e-2),

@@ -73,10 +73,11 @@ def test_manifest_is_read_from_a_deepspeed_checkpoint_directory(tmp_path):
          "init_args": {"target_modules": ["net.0"], "init": 0.5}}]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_shard_layout_read_from_deepspeed_matches_its_fp32_partitions(tmp_path, stage):
-    """ShardLayout.from_deepspeed on each rank of a live ZeRO run cuts the module's weights into exactly the
-    flat fp32 partition DeepSpeed holds, and the two ranks together hold every element once."""
+    """ShardLayout.from_deepspeed (ZeRO-1/2) and .from_deepspeed_zero3 on each rank of a live ZeRO run cut the
+    module's weights into exactly the flat fp32 partition DeepSpeed holds, and the two ranks together hold every
+    element once."""
     import json
 
     script = os.path.join(os.path.dirname(__file__), "scripts", "deepspeed_layout.py")
@@ -93,6 +94,7 @@ def test_shard_layout_read_from_deepspeed_matches_its_fp32_partitions(tmp_path, 
 
 
 SHARDED = [(name, stage, ()) for name in ("AdamP", "SGDP", "FAdam", "LAWN") for stage in (1, 2)]
+SHARDED += [(name, 3, ()) for name in ("AdamP", "SGDP", "FAdam")]
 SHARDED += [(name, 2, ("noscatter",)) for name in ("AdamP", "LAWN")]  # ZeRO-2 reducing gradients by all-reduce
 
 
@@ -115,7 +117,7 @@ def _sharded_run(tmp_path, stage: int, name: str, *extra: str, collectives: bool
 @pytest.mark.parametrize("name, stage, extra", SHARDED, ids=[f"{n}-zero{s}{''.join('-' + e for e in x)}"
                                                               for n, s, x in SHARDED])
 def test_per_tensor_optimizers_under_zero_equal_the_unsharded_step(tmp_path, name, stage, extra):
-    """Under a live 2-process ZeRO-1/2 run, every step of the sharded optimizer (LAWN: around SGD, per-row
+    """Under a live 2-process ZeRO-1/2/3 run, every step of the sharded optimizer (LAWN: around SGD, per-row
     sphere with gradient projection, on a hidden weight and the head) equals the same optimizer on the
     gathered full weights and gradients, within 1e-5 over 6 steps (fp32; torch AdamW in the same harness: below
     1e-6, the test below). Measured on CPU: 3e-8 to 5e-8."""

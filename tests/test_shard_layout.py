@@ -17,7 +17,8 @@ from lightning_ext.optimizers.shard_layout import ShardLayout, row_sums
 
 SHAPES = [(7, 13), (1, 29), (29, 1), (2,), (3, 5, 2), (13,), (4, 4)]
 WORLDS = [2, 3, 4]
-LAYOUTS = {"flat": ShardLayout.flat_partition, "dim0": ShardLayout.dim0_shards}
+LAYOUTS = {"flat": ShardLayout.flat_partition, "dim0": ShardLayout.dim0_shards,
+           "zero3": ShardLayout.per_param_partitions}
 
 
 def _tensors(seed: int, shapes=SHAPES) -> list[torch.Tensor]:
@@ -39,7 +40,11 @@ def test_every_element_is_held_by_exactly_one_rank(kind, world):
     for layout in layouts:
         layout.scatter_into(layout.local(full), rebuilt)
     assert all(torch.equal(a, b) for a, b in zip(full, rebuilt))
-    if kind == "flat":  # rows straddle partition boundaries somewhere, and the small tensor sits on one rank
+    if kind == "zero3":  # every parameter cut across the ranks; (2,) leaves the later ranks only padding
+        assert all(any(seg.param == i for seg in layouts[0].segments) for i in range(len(SHAPES)))
+        if world > 2:
+            assert all(seg.param != 3 for seg in layouts[-1].segments)
+    if kind in ("flat", "zero3"):  # rows straddle partition boundaries somewhere
         row_len = [math.prod(s) // s[0] if len(s) >= 2 else math.prod(s) for s in SHAPES]
         assert any((seg.offset % row_len[seg.param]) or (seg.length % row_len[seg.param])
                    for layout in layouts for seg in layout.segments if len(SHAPES[seg.param]) >= 2)

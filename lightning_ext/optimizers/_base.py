@@ -16,7 +16,12 @@ from torch.optim import Optimizer
 
 from lightning_ext._checks import check_bool
 from lightning_ext.optimizers._fused_cpu import check_fused_params
-from lightning_ext.optimizers._sharding import check_full_shapes, deepspeed_zero12_caller, had_matrices
+from lightning_ext.optimizers._sharding import (
+    check_full_shapes,
+    deepspeed_zero3_caller,
+    deepspeed_zero12_caller,
+    had_matrices,
+)
 from lightning_ext.optimizers._wrapper import evaluate_closure
 
 
@@ -92,29 +97,28 @@ class PerTensorOptimizer(Optimizer):
 
     def _step_on_partitions(self, zero: Any) -> None:
         from lightning_ext.optimizers import _sharding
-        from lightning_ext.optimizers.shard_layout import ShardLayout
 
         layouts = self.__dict__.setdefault("_shard_layouts", {})
         for index, group in enumerate(self.param_groups):
+            if not group["params"]:  # ZeRO-3 steps one sub-group per call; the other groups are empty then
+                continue
             (flat,) = group["params"]
-            if flat is not zero.single_partition_of_fp32_groups[index]:
-                raise RuntimeError(f"{type(self).__name__}: param group {index} is not DeepSpeed's fp32 partition")
             if id(flat) not in layouts:
-                layouts[id(flat)] = ShardLayout.from_deepspeed(zero, index)
+                layouts[id(flat)] = _deepspeed_partition(zero, index, flat, type(self).__name__)
+            layout, process_group = layouts[id(flat)]
             params, grads, states = self._init_group(group)
             if not params:
                 raise RuntimeError(f"{type(self).__name__}: the fp32 partition of group {index} has no gradient")
-            process_group = zero.real_dp_process_group[index]
-            self._sharded_update(group, layouts[id(flat)], params[0], grads[0], self.state[params[0]],
+            self._sharded_update(group, layout, params[0], grads[0], self.state[params[0]],
                                  lambda t, pg=process_group: _sharding.all_reduce(t, pg))
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
         if self._had_matrices and not had_matrices(self.param_groups):
-            zero = deepspeed_zero12_caller() if type(self)._sharded_update is not PerTensorOptimizer._sharded_update \
-                else None
-            if zero is not None:  # DeepSpeed ZeRO-1/2: exact statistics on the flat partitions
+            zero = (deepspeed_zero12_caller() or deepspeed_zero3_caller()) \
+                if type(self)._sharded_update is not PerTensorOptimizer._sharded_update else None
+            if zero is not None:  # DeepSpeed ZeRO-1/2/3: exact statistics on the flat partitions
                 self._step_on_partitions(zero)
                 return loss
         check_full_shapes(self, self._had_matrices, self.needs_full_shapes_for)
@@ -123,3 +127,18 @@ class PerTensorOptimizer(Optimizer):
             if params:
                 self._update(group, params, grads, states)
         return loss
+
+
+def _deepspeed_partition(zero: Any, index: int, flat: torch.Tensor, who: str) -> tuple[Any, Any]:
+    """The layout of the flat fp32 partition ``flat`` (param group ``index``) and the process group its
+    statistics are reduced over: ZeRO-1/2 keep one partition per param group, ZeRO-3 one per sub-group."""
+    from lightning_ext.optimizers.shard_layout import ShardLayout
+
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        if flat is not zero.single_partition_of_fp32_groups[index]:
+            raise RuntimeError(f"{who}: param group {index} is not DeepSpeed's fp32 partition")
+        return ShardLayout.from_deepspeed(zero, index), zero.real_dp_process_group[index]
+    sub = next((i for i, t in enumerate(zero.fp32_partitioned_groups_flat) if t is flat), None)
+    if sub is None:
+        raise RuntimeError(f"{who}: param group {index} holds none of DeepSpeed ZeRO-3's fp32 sub-group partitions")
+    return ShardLayout.from_deepspeed_zero3(zero, sub), zero.dp_process_group

@@ -55,17 +55,19 @@ def projection_coefficients(w: torch.Tensor, g: torch.Tensor, d: torch.Tensor, d
 PROJECTION_STATS = 4
 
 
-def projection_partials(layout, w: torch.Tensor, g: torch.Tensor, d: torch.Tensor,
-                        row_index: torch.Tensor | None = None) -> torch.Tensor:
+def projection_partials(layout, w: torch.Tensor, g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """This rank's ``[4, total_rows]`` partial row sums for :func:`sharded_projection_coefficients`, from its
     flat local ``w``, ``g``, ``d`` (see :mod:`.shard_layout`). The ranks add them with one collective."""
-    from lightning_ext.optimizers.shard_layout import row_sums
+    from lightning_ext.optimizers.shard_layout import product_buffer, row_sums
 
-    return row_sums(layout, [w * w, g * g, g * w, w * d], row_index)
+    buf = product_buffer(w, PROJECTION_STATS)
+    for out, (a, b) in zip(buf, ((w, w), (g, g), (g, w), (w, d))):
+        torch.mul(a, b, out=out)
+    return row_sums(layout, buf)
 
 
-def sharded_projection_coefficients(layout, stats: torch.Tensor, delta: float, eps: float,
-                                    row_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sharded_projection_coefficients(layout, stats: torch.Tensor, delta: float, eps: float
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """From the *summed* row statistics, what :func:`projection_coefficients` gives per tensor: a coefficient per
     local element (``d -= c * w``; 0 for 1-D parameters and padding) and a ``[n_params]`` boolean "projected" flag
     (False for tensors with ``ndim < 2``, which are never tested). Both views' decisions use the full rows."""
@@ -87,6 +89,6 @@ def sharded_projection_coefficients(layout, stats: torch.Tensor, delta: float, e
     zero = torch.zeros((), dtype=stats.dtype, device=device)
     coef_row = torch.where(channel[param_of_row], coef_channel, torch.where(layer[param_of_row], coef_layer, zero))
     coef_row = torch.where(is_matrix[param_of_row], coef_row, zero)
-    index = layout.row_index(device) if row_index is None else row_index
-    coef = torch.where(index >= 0, coef_row[index.clamp_min(0)], zero)
-    return coef, (channel | layer) & is_matrix
+    from lightning_ext.optimizers.shard_layout import per_row_element
+
+    return per_row_element(layout, coef_row, 0.0), (channel | layer) & is_matrix

@@ -19,7 +19,9 @@ import torch
 
 
 def had_matrices(param_groups: list[dict]) -> bool:
-    return any(p.dim() >= 2 for g in param_groups for p in g["params"])
+    """Whether any parameter is a matrix — by its full shape: a ZeRO-3 parameter (built under ``zero.Init``, or
+    after partitioning) reports shape ``(0,)`` and keeps the real one in ``ds_shape``."""
+    return any(len(getattr(p, "ds_shape", p.shape)) >= 2 for g in param_groups for p in g["params"])
 
 
 def _deepspeed_caller() -> str:
@@ -58,6 +60,22 @@ def deepspeed_zero12_caller():
         while frame is not None:
             owner = frame.f_locals.get("self")
             if type(owner).__name__ == "DeepSpeedZeroOptimizer" and hasattr(owner, "single_partition_of_fp32_groups"):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def deepspeed_zero3_caller():
+    """The DeepSpeed ZeRO-3 optimizer (``DeepSpeedZeroOptimizer_Stage3``) stepping this optimizer (it steps one
+    sub-group per call, the other groups' ``params`` empty); ``None`` under anything else."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if type(owner).__name__ == "DeepSpeedZeroOptimizer_Stage3" and hasattr(owner,
+                                                                                    "fp32_partitioned_groups_flat"):
                 return owner
             frame = frame.f_back
         return None

@@ -220,33 +220,31 @@ def _foreach_scale_(tensors: list[torch.Tensor], factors: list[torch.Tensor | fl
 
 # -- on shards: one rank's flat local partition (see shard_layout.py); a step is prepare -> all-reduce -> finish --
 def adamp_shard_prepare(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: int, *, layout,
-                        beta1: float, beta2: float, eps: float, nesterov: bool,
-                        row_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        beta1: float, beta2: float, eps: float, nesterov: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The elementwise half of an AdamP step on a rank's flat local tensors (``m``, ``v`` updated in place;
     ``step`` counts from 1): returns the update direction ``d`` and this rank's partial row statistics, which the
     ranks sum (one collective of ``[4, total_rows]`` per step, whatever the number of parameters)."""
     d = _adam_direction_(g, m, v, step, beta1=beta1, beta2=beta2, eps=eps, nesterov=nesterov)
-    return d, projection_partials(layout, p, g, d, row_index)
+    return d, projection_partials(layout, p, g, d)
 
 
 def adamp_shard_finish(p: torch.Tensor, d: torch.Tensor, stats: torch.Tensor, step: int, *, layout, lr: float,
-                       beta1: float, eps: float, weight_decay: float, delta: float, wd_ratio: float,
-                       row_index: torch.Tensor | None = None) -> None:
+                       beta1: float, eps: float, weight_decay: float, delta: float, wd_ratio: float) -> None:
     """The rest of the step, from the summed statistics: the projection of ``d``, the (per-tensor) weight decay,
     and the update of the local ``p`` — the same arithmetic as the unsharded step, element by element."""
-    coef, projected = sharded_projection_coefficients(layout, stats, delta, eps, row_index)
+    coef, projected = sharded_projection_coefficients(layout, stats, delta, eps)
     d.addcmul_(p, coef, value=-1)
     if weight_decay > 0:
-        p.mul_(_decay_per_element(layout, projected, 1 - lr * weight_decay, 1 - lr * weight_decay * wd_ratio, p))
+        _decay_shard_(layout, projected, 1 - lr * weight_decay, 1 - lr * weight_decay * wd_ratio, p)
     p.add_(d, alpha=-lr / (1 - beta1**step))
 
 
-def _decay_per_element(layout, projected: torch.Tensor, plain: float, reduced: float,
-                       like: torch.Tensor) -> torch.Tensor:
-    full = torch.full(projected.shape, plain, dtype=like.dtype, device=like.device)  # (a float32 where() would
-    factor = full.masked_fill_(projected, reduced)  # round 1 - lr * wd)
-    index = layout.param_index(like.device)
-    return torch.where(index >= 0, factor[index.clamp_min(0)], torch.ones((), dtype=like.dtype, device=like.device))
+def _decay_shard_(layout, projected: torch.Tensor, plain: float, reduced: float, p: torch.Tensor) -> None:
+    """``p *= plain`` on the local elements of each tensor, ``reduced`` where the tensor was projected."""
+    from lightning_ext.optimizers.shard_layout import apply_per_param_
+
+    full = torch.full(projected.shape, plain, dtype=p.dtype, device=p.device)  # (a float32 where() would
+    apply_per_param_(layout, p, full.masked_fill_(projected, reduced), "mul_")  # round 1 - lr * wd)
 
 
 class SGDP(PerTensorOptimizer):
@@ -344,22 +342,21 @@ def sgdp(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch
 
 
 def sgdp_shard_prepare(p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, *, layout, momentum: float,
-                       dampening: float, nesterov: bool, row_index: torch.Tensor | None = None
+                       dampening: float, nesterov: bool
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """SGDP's elementwise half on a rank's flat local tensors (``buf`` updated in place): the direction ``d``
     (the momentum buffer itself without Nesterov, as in the reference, so the projection lands in the buffer)
     and this rank's partial row statistics for the one all-reduce."""
     d = _sgd_direction_(g, buf, momentum=momentum, dampening=dampening, nesterov=nesterov)
-    return d, projection_partials(layout, p, g, d, row_index)
+    return d, projection_partials(layout, p, g, d)
 
 
 def sgdp_shard_finish(p: torch.Tensor, d: torch.Tensor, stats: torch.Tensor, *, layout, lr: float, momentum: float,
-                      weight_decay: float, eps: float, delta: float, wd_ratio: float,
-                      row_index: torch.Tensor | None = None) -> None:
+                      weight_decay: float, eps: float, delta: float, wd_ratio: float) -> None:
     """Projection, per-tensor weight decay (divided by ``1 - momentum`` as in the reference) and the update."""
-    coef, projected = sharded_projection_coefficients(layout, stats, delta, eps, row_index)
+    coef, projected = sharded_projection_coefficients(layout, stats, delta, eps)
     d.addcmul_(p, coef, value=-1)
     if weight_decay > 0:
         scale = lr * weight_decay / (1 - momentum)
-        p.mul_(_decay_per_element(layout, projected, 1 - scale, 1 - scale * wd_ratio, p))
+        _decay_shard_(layout, projected, 1 - scale, 1 - scale * wd_ratio, p)
     p.add_(d, alpha=-lr)

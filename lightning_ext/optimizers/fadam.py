@@ -156,6 +156,11 @@ def _adaptive_eps(rms_g: torch.Tensor, eps: float, eps2: float, p: float, mode: 
     return torch.where((rms_g > 0) & (scaled < eps), scaled.pow(2 * p), fallback)
 
 
+def _adaptive_eps_of_zero(eps: float, eps2: float, p: float, mode: str) -> float:
+    """:func:`_adaptive_eps` at a gradient RMS of 0 (what padding elements of a flat partition get)."""
+    return {"v3": 0.0, "v2": 0.0, "max": eps}.get(mode, eps ** (2 * p))
+
+
 def _rms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
 
@@ -194,12 +199,14 @@ def _beta2_hat(beta2: float, step: float) -> float:
 def fadam_shard_round1(g: torch.Tensor, fim: torch.Tensor, step: int, *, layout, beta2: float) -> torch.Tensor:
     """Update the Fisher ``fim`` in place (``step`` counts from 1) and return this rank's ``[1, n_params]``
     partial sums of ``g²`` (the gradient RMS behind the adaptive epsilon). The ranks sum them (collective 1)."""
-    from lightning_ext.optimizers.shard_layout import param_sums
+    from lightning_ext.optimizers.shard_layout import param_sums, product_buffer
 
     b2 = _beta2_hat(beta2, step)
     g = g.to(fim.dtype)
     fim.mul_(b2).addcmul_(g, g, value=1 - b2)
-    return param_sums(layout, [g * g])
+    buf = product_buffer(g, 1)
+    torch.mul(g, g, out=buf[0])
+    return param_sums(layout, buf)
 
 
 def fadam_shard_round2(w: torch.Tensor, g: torch.Tensor, fim: torch.Tensor, stats1: torch.Tensor, *, layout,
@@ -208,18 +215,22 @@ def fadam_shard_round2(w: torch.Tensor, g: torch.Tensor, fim: torch.Tensor, stat
     """From the summed ``g²``: the natural gradient ``gbar`` and the decay direction ``wbar`` (dead coordinates
     zeroed in ``"mask"`` mode), and this rank's ``[3, n_params]`` partial sums — ``gbar²``, ``wbar²`` and the live
     coordinates (``fim != 0``) — for the two RMS clips (collective 2)."""
-    from lightning_ext.optimizers.shard_layout import param_sums, per_element
+    from lightning_ext.optimizers.shard_layout import param_sums, per_element, product_buffer
 
     numel = torch.tensor([math.prod(s) for s in layout.shapes], dtype=stats1.dtype, device=stats1.device)
-    rms_g = per_element(layout, (stats1[0] / numel).sqrt(), 0.0)
-    eps_t = _adaptive_eps(rms_g, eps, eps2, p, eps_mode)
+    # the epsilon is a function of each tensor's gradient RMS: computed per tensor, then spread (padding: RMS 0)
+    eps_t = per_element(layout, _adaptive_eps((stats1[0] / numel).sqrt(), eps, eps2, p, eps_mode),
+                        _adaptive_eps_of_zero(eps, eps2, p, eps_mode))
     denom = (fim.sqrt() if p == 0.5 else fim.pow(p)).add_(eps_t).clamp_min_(min_denominator)
-    gbar = g.to(fim.dtype) / denom
-    wbar = w.to(denom.dtype) / denom
-    live = (fim != 0).to(fim.dtype)
+    gbar = g.to(fim.dtype).div(denom)
+    wbar = w.to(denom.dtype).div(denom)
+    buf = product_buffer(fim, 3)
+    torch.ne(fim, 0, out=buf[2])  # the live coordinates, as 0/1 in the statistics' dtype
     if dead_coord_wd == "mask":
-        wbar.mul_(live)
-    return gbar, wbar, param_sums(layout, [gbar * gbar, wbar * wbar, live])
+        wbar.mul_(buf[2])
+    torch.mul(gbar, gbar, out=buf[0])
+    torch.mul(wbar, wbar, out=buf[1])
+    return gbar, wbar, param_sums(layout, buf)
 
 
 def fadam_shard_finish(w: torch.Tensor, m: torch.Tensor, gbar: torch.Tensor, wbar: torch.Tensor,
@@ -227,15 +238,16 @@ def fadam_shard_finish(w: torch.Tensor, m: torch.Tensor, gbar: torch.Tensor, wba
                        dead_coord_wd: str) -> None:
     """Clip ``gbar`` and ``wbar`` by their whole-tensor RMS (from the summed statistics), then update the momentum
     and the local weights — the arithmetic of the unsharded step, element by element."""
-    from lightning_ext.optimizers.shard_layout import per_element
+    from lightning_ext.optimizers.shard_layout import apply_per_param_
 
     numel = torch.tensor([math.prod(s) for s in layout.shapes], dtype=stats2.dtype, device=stats2.device)
-    rms_gbar = stats2[0].sqrt() / numel.sqrt()
-    m.lerp_(_clip_(gbar, per_element(layout, rms_gbar, 0.0), clip), 1 - beta1)  # padding: rms 0, divisor 1
+    rms_gbar = stats2[0].sqrt() / numel.sqrt()  # _clip_ per tensor, in place on each tensor's local elements
+    m.lerp_(apply_per_param_(layout, gbar, (rms_gbar / clip).clamp_min(1.0), "div_"), 1 - beta1)
     if weight_decay > 0:
         count = numel if dead_coord_wd == "paper" else stats2[2].clamp_min(1)
         rms_wbar = stats2[1].sqrt() / count.sqrt()
-        w.add_(_clip_(wbar, per_element(layout, rms_wbar, 0.0), clip).to(w.dtype), alpha=-lr * weight_decay)
+        wbar = apply_per_param_(layout, wbar, (rms_wbar / clip).clamp_min(1.0), "div_")
+        w.add_(wbar.to(w.dtype), alpha=-lr * weight_decay)
     w.add_(m.to(w.dtype), alpha=-lr)
 
 

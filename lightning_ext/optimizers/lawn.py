@@ -269,15 +269,13 @@ def lawn_shard_partials(layout, w: torch.Tensor, g: torch.Tensor | None = None, 
 
 def _spread(layout, values: torch.Tensor, norm_scope: str, constrained: torch.Tensor, fill: float) -> torch.Tensor:
     """Per-row / per-tensor values on the local elements of constrained tensors (``fill`` elsewhere)."""
+    from lightning_ext.optimizers.shard_layout import per_element, per_row_element
+
+    full = torch.full((), fill, dtype=values.dtype, device=values.device)
     if norm_scope == "row":
-        index, owner = layout.row_index(values.device), layout.param_of_row(values.device)
-        values = torch.where(constrained[owner], values, torch.full((), fill, dtype=values.dtype,
-                                                                     device=values.device))
-    else:
-        index = layout.param_index(values.device)
-        values = torch.where(constrained, values, torch.full((), fill, dtype=values.dtype, device=values.device))
-    return torch.where(index >= 0, values[index.clamp_min(0)], torch.full((), fill, dtype=values.dtype,
-                                                                          device=values.device))
+        return per_row_element(layout, torch.where(constrained[layout.param_of_row(values.device)], values, full),
+                               fill)
+    return per_element(layout, torch.where(constrained, values, full), fill)
 
 
 def lawn_shard_project_grad_(layout, w: torch.Tensor, g: torch.Tensor, stats: torch.Tensor, *, norm_scope: str,

@@ -22,7 +22,8 @@ from functools import cached_property
 
 import torch
 
-__all__ = ["Segment", "ShardLayout", "param_sums", "per_element", "row_sums"]
+__all__ = ["Segment", "ShardLayout", "apply_per_param_", "param_sums", "per_element", "per_row_element",
+           "product_buffer", "row_sums"]
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,49 @@ class ShardLayout:
         return cls(shapes, tuple(segments), at)
 
     @classmethod
+    def per_param_partitions(cls, shapes: Sequence[Sequence[int]], world_size: int, rank: int) -> ShardLayout:
+        """DeepSpeed ZeRO-3's layout of one sub-group: *each* parameter flattened, padded to a multiple of
+        ``world_size`` and cut into equal parts (``partition_numel = ceil(numel / world_size)``); the rank's part
+        of every parameter concatenated in parameter order (the last rank's parts end in padding, a small
+        parameter may leave a rank only padding)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        shapes = tuple(torch.Size(s) for s in shapes)
+        return cls._from_parts(shapes, [-(-math.prod(s) // world_size) for s in shapes], rank)
+
+    @classmethod
+    def _from_parts(cls, shapes: tuple[torch.Size, ...], parts: Sequence[int], rank: int) -> ShardLayout:
+        segments, at = [], 0
+        for i, (shape, part) in enumerate(zip(shapes, parts)):
+            length = max(0, min(part, math.prod(shape) - rank * part))
+            if length:
+                segments.append(Segment(i, at, length, rank * part))
+            at += part
+        return cls(shapes, tuple(segments), at)
+
+    @classmethod
+    def from_deepspeed_zero3(cls, zero_optimizer, sub_group: int) -> ShardLayout:
+        """The layout of sub-group ``sub_group``'s flat fp32 partition on this rank, read from a live DeepSpeed
+        ZeRO-3 optimizer (``DeepSpeedZeroOptimizer_Stage3``): its parameters' full shapes (``ds_shape``) and
+        partition sizes (``partition_numel()``), in the sub-group's order (:meth:`per_param_partitions`)."""
+        import torch.distributed as dist
+
+        params = zero_optimizer.fp16_groups[sub_group]
+        rank = dist.get_rank(group=zero_optimizer.dp_process_group)
+        layout = cls._from_parts(tuple(torch.Size(p.ds_shape) for p in params),
+                                 [p.partition_numel() for p in params], rank)
+        flat = zero_optimizer.fp32_partitioned_groups_flat[sub_group]
+        if layout.local_numel != flat.numel():
+            raise RuntimeError(f"ZeRO-3 sub-group {sub_group}: the parameters' partitions hold {layout.local_numel} "
+                               f"elements, its fp32 partition {flat.numel()}")
+        return layout
+
+    @classmethod
     def from_deepspeed(cls, zero_optimizer, group: int) -> ShardLayout:
         """The layout of param group ``group``'s flat fp32 partition on this rank, read from a live DeepSpeed
         ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``): each parameter's ``_hp_mapping`` gives where its
         fragment sits in the partition (``hp_fragment_address``) and in the parameter (``lp_fragment_address``),
-        alignment padding and round-robin order included. ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``) is next."""
+        alignment padding and round-robin order included. ZeRO-3: :meth:`from_deepspeed_zero3`."""
         if not hasattr(zero_optimizer, "single_partition_of_fp32_groups"):
             raise TypeError(f"from_deepspeed reads DeepSpeed ZeRO-1/2 optimizers, got {type(zero_optimizer).__name__}")
         params = zero_optimizer.bit16_groups[group]
@@ -178,33 +217,103 @@ class ShardLayout:
             full[s.param].view(-1)[s.offset:s.offset + s.length] = local[s.start:s.start + s.length]
 
 
-def row_sums(layout: ShardLayout, products: Sequence[torch.Tensor], row_index: torch.Tensor | None = None
-             ) -> torch.Tensor:
-    """``[len(products), layout.total_rows]``: each local elementwise product summed per row of the fixed order
-    (zeros for rows this rank does not hold). Adding these over ranks gives the unsharded row sums."""
-    index = layout.row_index(products[0].device) if row_index is None else row_index
-    valid = index >= 0
-    out = torch.zeros(len(products), layout.total_rows, dtype=products[0].dtype, device=products[0].device)
-    for k, product in enumerate(products):
-        out[k].index_add_(0, index[valid], product[valid])
+@dataclass(frozen=True)
+class _Piece:
+    """Local elements ``[start, start + count * width)`` viewed as ``[count, width]``: ``count`` consecutive
+    entries (rows, or one parameter) of the fixed order, starting at ``index``."""
+
+    start: int
+    count: int
+    width: int
+    index: int
+
+
+def _row_pieces(layout: ShardLayout) -> tuple[_Piece, ...]:
+    """Each segment cut into a partial first row, whole rows and a partial last row (views, no index tensors)."""
+    cache = layout.__dict__.setdefault("_index_cache", {})
+    if "row_pieces" not in cache:
+        pieces = []
+        for s in layout.segments:
+            width = math.prod(layout.shapes[s.param]) // layout.rows(s.param)
+            at, end, row = s.offset, s.offset + s.length, layout.row_base[s.param] + s.offset // max(width, 1)
+            start = s.start
+            head = min(end, (at // width + 1) * width) - at if width and at % width else 0
+            if head:
+                pieces.append(_Piece(start, 1, head, row))
+                at, start, row = at + head, start + head, row + 1
+            whole = (end - at) // width if width else 0
+            if whole:
+                pieces.append(_Piece(start, whole, width, row))
+                at, start, row = at + whole * width, start + whole * width, row + whole
+            if end > at:
+                pieces.append(_Piece(start, 1, end - at, row))
+        cache["row_pieces"] = tuple(pieces)
+    return cache["row_pieces"]
+
+
+def _param_pieces(layout: ShardLayout) -> tuple[_Piece, ...]:
+    return tuple(_Piece(s.start, 1, s.length, s.param) for s in layout.segments if s.length)
+
+
+def product_buffer(like: torch.Tensor, k: int) -> torch.Tensor:
+    """An uninitialised ``[k, local]`` tensor to write ``k`` products into (``torch.mul(a, b, out=buf[i])``) and
+    hand to :func:`row_sums` / :func:`param_sums` as is: no per-product allocation, no stacking copy."""
+    return torch.empty(k, like.numel(), dtype=like.dtype, device=like.device)
+
+
+def _sums(pieces: Sequence[_Piece], products: Sequence[torch.Tensor] | torch.Tensor, entries: int) -> torch.Tensor:
+    if isinstance(products, torch.Tensor):  # already [K, local] (product_buffer)
+        stacked = products
+    else:  # copying into one buffer is ~5x faster than torch.stack of 1-D tensors on CPU
+        stacked = product_buffer(products[0], len(products))
+        for row, product in zip(stacked, products):
+            row.copy_(product)
+    k = stacked.shape[0]
+    out = stacked.new_zeros(k, entries)
+    for piece in pieces:
+        block = stacked[:, piece.start:piece.start + piece.count * piece.width].view(k, piece.count, piece.width)
+        out[:, piece.index:piece.index + piece.count] += block.sum(-1)
     return out
 
 
-def param_sums(layout: ShardLayout, products: Sequence[torch.Tensor], param_index: torch.Tensor | None = None
-               ) -> torch.Tensor:
+def _spread(pieces: Sequence[_Piece], values: torch.Tensor, fill: float, local_numel: int) -> torch.Tensor:
+    out = values.new_full((local_numel,), fill)
+    for piece in pieces:
+        block = out[piece.start:piece.start + piece.count * piece.width].view(piece.count, piece.width)
+        block.copy_(values[piece.index:piece.index + piece.count, None].expand(piece.count, piece.width))
+    return out
+
+
+def row_sums(layout: ShardLayout, products: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """``[len(products), layout.total_rows]``: each local elementwise product summed per row of the fixed order
+    (zeros for rows this rank does not hold). Adding these over ranks gives the unsharded row sums. Computed on
+    views of each segment's whole rows (and its partial first and last row): no index tensors, no scatter (a
+    masked ``index_add_`` over a 1 M-element partition took 20 ms per product on one CPU thread; this 0.1 ms).
+    ``products``: a list of local tensors, or a ``[K, local]`` tensor (:func:`product_buffer`)."""
+    return _sums(_row_pieces(layout), products, layout.total_rows)
+
+
+def param_sums(layout: ShardLayout, products: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     """``[len(products), len(layout.shapes)]``: each local product summed per parameter (per-tensor statistics:
     FAdam's RMS, LAWN's norms); zeros for parameters this rank does not hold."""
-    index = layout.param_index(products[0].device) if param_index is None else param_index
-    valid = index >= 0
-    out = torch.zeros(len(products), len(layout.shapes), dtype=products[0].dtype, device=products[0].device)
-    for k, product in enumerate(products):
-        out[k].index_add_(0, index[valid], product[valid])
-    return out
+    return _sums(_param_pieces(layout), products, len(layout.shapes))
 
 
-def per_element(layout: ShardLayout, values: torch.Tensor, fill: float,
-                param_index: torch.Tensor | None = None) -> torch.Tensor:
+def per_element(layout: ShardLayout, values: torch.Tensor, fill: float) -> torch.Tensor:
     """A ``[n_params]`` tensor spread to the local elements (``fill`` on padding)."""
-    index = layout.param_index(values.device) if param_index is None else param_index
-    return torch.where(index >= 0, values[index.clamp_min(0)], torch.full((), fill, dtype=values.dtype,
-                                                                          device=values.device))
+    return _spread(_param_pieces(layout), values, fill, layout.local_numel)
+
+
+def apply_per_param_(layout: ShardLayout, x: torch.Tensor, values: torch.Tensor, op: str) -> torch.Tensor:
+    """``x.mul_`` / ``x.div_`` (``op``) by each parameter's entry of ``values`` on that parameter's local
+    elements, in place on views (padding untouched: as multiplying or dividing by 1). The same arithmetic as
+    ``getattr(x, op)(per_element(layout, values, 1.0))`` without building the per-element tensor."""
+    for s in layout.segments:
+        if s.length:
+            getattr(x[s.start:s.start + s.length], op)(values[s.param])
+    return x
+
+
+def per_row_element(layout: ShardLayout, values: torch.Tensor, fill: float) -> torch.Tensor:
+    """A ``[total_rows]`` tensor spread to the local elements (``fill`` on padding)."""
+    return _spread(_row_pieces(layout), values, fill, layout.local_numel)

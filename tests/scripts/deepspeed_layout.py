@@ -1,5 +1,5 @@
-"""Build ShardLayout.from_deepspeed on each rank of a live 2-process DeepSpeed ZeRO-1/2 run (CPU) and check it
-against DeepSpeed's own fp32 partition: the module's weights cut by the layout equal the partition.
+"""Build ShardLayout.from_deepspeed (ZeRO-1/2) / from_deepspeed_zero3 on each rank of a live 2-process DeepSpeed
+run (CPU) and check it against DeepSpeed's own fp32 partition: the module's weights cut by the layout equal it.
 
     python tests/scripts/deepspeed_layout.py OUT STAGE
 """
@@ -25,12 +25,20 @@ def main(out: Path, stage: int) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx:  # once, before the first step (weights = master copy)
                 return
+            from deepspeed.utils import safe_get_full_fp32_param
+
             zero = trainer.strategy.deepspeed_engine.optimizer
             report = []
-            for group in range(len(zero.bit16_groups)):
-                layout = ShardLayout.from_deepspeed(zero, group)
-                full = [p.detach().float() for p in zero.bit16_groups[group]]
-                local = zero.single_partition_of_fp32_groups[group].detach()
+            groups = zero.fp16_groups if stage == 3 else zero.bit16_groups
+            for group in range(len(groups)):
+                if stage == 3:  # parameters partitioned too: gather them (a collective, every rank takes part)
+                    layout = ShardLayout.from_deepspeed_zero3(zero, group)
+                    full = [safe_get_full_fp32_param(p).detach().float() for p in groups[group]]
+                    local = zero.fp32_partitioned_groups_flat[group].detach()
+                else:
+                    layout = ShardLayout.from_deepspeed(zero, group)
+                    full = [p.detach().float() for p in groups[group]]
+                    local = zero.single_partition_of_fp32_groups[group].detach()
                 cut = layout.local(full)
                 held = sum(s.length for s in layout.segments)
                 report.append({"equal": bool(torch.equal(cut, local)), "local_numel": layout.local_numel,
