@@ -16,7 +16,7 @@ import torch
 
 from harness import (ddp_rank_states, differences, initial_parameters, one_process_parameters, rank_states,
                      worst_difference)
-from registry import REGISTRY
+from registry import BY_NAME, REGISTRY
 from test_ranks import TOLERANCE
 
 pytest.importorskip("deepspeed")
@@ -56,6 +56,24 @@ def test_deepspeed_cpu(entry, stage, tmp_path):
         assert errors, f"expected a refusal matching {expected!r}; run ended with rc={proc.returncode}"
         message = errors[0].read_text().splitlines()[0]
         assert re.search(expected, message) and f"stage {stage}" in message.lower(), message
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_shard_local_optimizer_fails_the_one_process_comparison(tmp_path):
+    """Negative control of the cells above: AdamP under ZeRO-2 with its per-row statistics left shard-local
+    (no all-reduce) still trains with agreeing ranks — and misses the one-process run by far more than
+    TOLERANCE."""
+    entry = BY_NAME["adamp"]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, SCRIPT, entry.name, str(out), "--strategy", "deepspeed_cpu_stage_2",
+                           "--devices", "2", "--shard-local"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=480)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = rank_states(out, 2)
+    assert differences(r0["params"], r1["params"]) == []
+    one = one_process_parameters(entry, tmp_path / "one", 2)
+    assert worst_difference(r0["params"], one) > 100 * TOLERANCE
 
 
 @pytest.mark.slow

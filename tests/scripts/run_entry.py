@@ -25,7 +25,13 @@ def main() -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--strategy", default="auto")
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--shard-local", action="store_true",
+                        help="negative control: the sharded optimizers' statistics without their all-reduce")
     args = parser.parse_args()
+    if args.shard_local:
+        from lightning_ext.optimizers import _sharding
+
+        _sharding.all_reduce = lambda tensor, group: None
 
     logging.getLogger("lightning").setLevel(logging.WARNING)
     import lightning_ext.strategies  # noqa: F401  (registers deepspeed_cpu*)
