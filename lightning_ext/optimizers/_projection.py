@@ -58,12 +58,9 @@ PROJECTION_STATS = 4
 def projection_partials(layout, w: torch.Tensor, g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """This rank's ``[4, total_rows]`` partial row sums for :func:`sharded_projection_coefficients`, from its
     flat local ``w``, ``g``, ``d`` (see :mod:`.shard_layout`). The ranks add them with one collective."""
-    from lightning_ext.optimizers.shard_layout import product_buffer, row_sums
+    from lightning_ext.optimizers.shard_layout import row_dots
 
-    buf = product_buffer(w, PROJECTION_STATS)
-    for out, (a, b) in zip(buf, ((w, w), (g, g), (g, w), (w, d))):
-        torch.mul(a, b, out=out)
-    return row_sums(layout, buf)
+    return row_dots(layout, [(w, w), (g, g), (g, w), (w, d)])
 
 
 def sharded_projection_coefficients(layout, stats: torch.Tensor, delta: float, eps: float

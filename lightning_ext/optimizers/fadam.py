@@ -199,14 +199,12 @@ def _beta2_hat(beta2: float, step: float) -> float:
 def fadam_shard_round1(g: torch.Tensor, fim: torch.Tensor, step: int, *, layout, beta2: float) -> torch.Tensor:
     """Update the Fisher ``fim`` in place (``step`` counts from 1) and return this rank's ``[1, n_params]``
     partial sums of ``g²`` (the gradient RMS behind the adaptive epsilon). The ranks sum them (collective 1)."""
-    from lightning_ext.optimizers.shard_layout import param_sums, product_buffer
+    from lightning_ext.optimizers.shard_layout import param_dots
 
     b2 = _beta2_hat(beta2, step)
     g = g.to(fim.dtype)
     fim.mul_(b2).addcmul_(g, g, value=1 - b2)
-    buf = product_buffer(g, 1)
-    torch.mul(g, g, out=buf[0])
-    return param_sums(layout, buf)
+    return param_dots(layout, [(g, g)])
 
 
 def fadam_shard_round2(w: torch.Tensor, g: torch.Tensor, fim: torch.Tensor, stats1: torch.Tensor, *, layout,
@@ -215,22 +213,21 @@ def fadam_shard_round2(w: torch.Tensor, g: torch.Tensor, fim: torch.Tensor, stat
     """From the summed ``g²``: the natural gradient ``gbar`` and the decay direction ``wbar`` (dead coordinates
     zeroed in ``"mask"`` mode), and this rank's ``[3, n_params]`` partial sums — ``gbar²``, ``wbar²`` and the live
     coordinates (``fim != 0``) — for the two RMS clips (collective 2)."""
-    from lightning_ext.optimizers.shard_layout import param_sums, per_element, product_buffer
+    from lightning_ext.optimizers.shard_layout import apply_per_param_, fill_padding_, param_dots, param_nonzeros
 
     numel = torch.tensor([math.prod(s) for s in layout.shapes], dtype=stats1.dtype, device=stats1.device)
-    # the epsilon is a function of each tensor's gradient RMS: computed per tensor, then spread (padding: RMS 0)
-    eps_t = per_element(layout, _adaptive_eps((stats1[0] / numel).sqrt(), eps, eps2, p, eps_mode),
-                        _adaptive_eps_of_zero(eps, eps2, p, eps_mode))
-    denom = (fim.sqrt() if p == 0.5 else fim.pow(p)).add_(eps_t).clamp_min_(min_denominator)
+    # the epsilon is a function of each tensor's gradient RMS: computed per tensor, added in place per tensor
+    # (padding: the epsilon of RMS 0)
+    denom = fim.sqrt() if p == 0.5 else fim.pow(p)
+    apply_per_param_(layout, denom, _adaptive_eps((stats1[0] / numel).sqrt(), eps, eps2, p, eps_mode), "add_")
+    fill_padding_(layout, denom, _adaptive_eps_of_zero(eps, eps2, p, eps_mode)).clamp_min_(min_denominator)
     gbar = g.to(fim.dtype).div(denom)
     wbar = w.to(denom.dtype).div(denom)
-    buf = product_buffer(fim, 3)
-    torch.ne(fim, 0, out=buf[2])  # the live coordinates, as 0/1 in the statistics' dtype
+    live = param_nonzeros(layout, fim)  # the live coordinates (fim != 0) of each tensor
     if dead_coord_wd == "mask":
-        wbar.mul_(buf[2])
-    torch.mul(gbar, gbar, out=buf[0])
-    torch.mul(wbar, wbar, out=buf[1])
-    return gbar, wbar, param_sums(layout, buf)
+        wbar.masked_fill_(fim == 0, 0.0)
+    stats = param_dots(layout, [(gbar, gbar), (wbar, wbar)])
+    return gbar, wbar, torch.cat([stats, live[None]])
 
 
 def fadam_shard_finish(w: torch.Tensor, m: torch.Tensor, gbar: torch.Tensor, wbar: torch.Tensor,

@@ -261,10 +261,10 @@ class LAWN(WrapperOptimizer):
 def lawn_shard_partials(layout, w: torch.Tensor, g: torch.Tensor | None = None, *, norm_scope: str) -> torch.Tensor:
     """This rank's partial sums of ``w²`` (and ``g·w``), per row (``norm_scope="row"``) or per tensor, in the
     layout's fixed order: ``[1 or 2, rows or tensors]``."""
-    from lightning_ext.optimizers.shard_layout import param_sums, row_sums
+    from lightning_ext.optimizers.shard_layout import param_dots, row_dots
 
-    products = [w * w] if g is None else [w * w, g * w]
-    return row_sums(layout, products) if norm_scope == "row" else param_sums(layout, products)
+    pairs = [(w, w)] if g is None else [(w, w), (g, w)]
+    return row_dots(layout, pairs) if norm_scope == "row" else param_dots(layout, pairs)
 
 
 def _spread(layout, values: torch.Tensor, norm_scope: str, constrained: torch.Tensor, fill: float) -> torch.Tensor:
