@@ -94,8 +94,7 @@ REGISTRY: list[Entry] = [
     # free phase ends at step 10: the resume test stops (13) and resumes inside the constrained phase
     Entry(name="lawn", data=_digits, config="configs/lawn.yaml",
           model=lambda: MLPClassifier(hidden=[32], layer_norm=True, lr=1e-2),
-          callbacks=lambda: [LAWN(free_steps=10, layers=["net.3"])],
-          deepspeed={1: "train", 2: "train", 3: "LAWN under DeepSpeed ZeRO stage"}),
+          callbacks=lambda: [LAWN(free_steps=10, layers=["net.3"])]),
     Entry(name="cram", data=_digits, config="configs/cram.yaml",
           model=lambda: MLPWith("torch.optim.SGD", lr=0.05, momentum=0.9, weight_decay=5e-4),
           callbacks=lambda: [CrAM(rho=0.05, sparsities=[0.5, 0.7, 0.9])],

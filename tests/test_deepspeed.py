@@ -112,7 +112,7 @@ def test_shard_layout_read_from_deepspeed_matches_its_fp32_partitions(tmp_path, 
 
 
 SHARDED = [(name, stage, ()) for name in ("AdamP", "SGDP", "FAdam", "LAWN") for stage in (1, 2)]
-SHARDED += [(name, 3, ()) for name in ("AdamP", "SGDP", "FAdam")]
+SHARDED += [(name, 3, ()) for name in ("AdamP", "SGDP", "FAdam", "LAWN")]
 SHARDED += [(name, 2, ("noscatter",)) for name in ("AdamP", "LAWN")]  # ZeRO-2 reducing gradients by all-reduce
 
 

@@ -21,7 +21,6 @@ from lightning_ext.callbacks.optimizer_diagnostics import log_diagnostics
 from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.optimizers.lawn import LAWN as LAWNOptimizer
 from lightning_ext.optimizers.lawn import LAWN_DEFAULTS, LAWNHyperparameters
-from lightning_ext.strategies.probe import strategy_info
 from lightning_ext.surgery import select_modules
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -61,11 +60,7 @@ class LAWN(Technique):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        zero = strategy_info(trainer).zero_stage
-        if zero == 3:  # ZeRO-1/2: LAWN rescales the fp32 master partitions exactly (optimizers/lawn.py)
-            raise RuntimeError(f"LAWN under DeepSpeed ZeRO stage {zero} is not supported yet: its partitions are "
-                               "per parameter, not the flat group partitions LAWN reads at stages 1 and 2. Use "
-                               "ZeRO stage 1 or 2, or DDP.")
+        # DeepSpeed ZeRO-1/2/3: LAWN rescales the fp32 master partitions exactly (optimizers/lawn.py)
         targets = self._targets(pl_module)
         weights = []
         for name, module in targets:

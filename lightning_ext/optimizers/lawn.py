@@ -158,65 +158,84 @@ class LAWN(WrapperOptimizer):
         return any(id(p) not in known for p in self.constrained)
 
     def _step_on_partitions(self, zero) -> None:
-        """The step under DeepSpeed ZeRO-1/2: the norms (and the gradient projection) from per-row / per-tensor
+        """The step under DeepSpeed ZeRO-1/2/3: the norms (and the gradient projection) from per-row / per-tensor
         partial sums over each group's fp32 partition, one all-reduce per round, and the rescale applied to the
-        partition itself — the fp32 master copy the engine all-gathers into the module next."""
+        partition itself — the fp32 master copy the engine all-gathers into the module next. ZeRO-3 calls this
+        once per sub-group (the other groups empty); the step counts once, at the last sub-group."""
         from lightning_ext.optimizers import _sharding
-        from lightning_ext.optimizers.shard_layout import ShardLayout
 
         cache = self.__dict__.setdefault("_shard_cache", {})
-        ours = {id(p) for p in self.constrained}
+        group_radii = self.__dict__.setdefault("_group_radii", {})
         groups = []
         for index, group in enumerate(self.param_groups):
+            if not group["params"]:
+                continue
             (flat,) = group["params"]
             if id(flat) not in cache:
-                members = zero.bit16_groups[index]
-                cache[id(flat)] = (ShardLayout.from_deepspeed(zero, index),
-                                   torch.tensor([id(p) in ours for p in members], device=flat.device))
-            groups.append((flat, *cache[id(flat)], zero.real_dp_process_group[index]))
+                cache[id(flat)] = self._partition(zero, index, flat)
+            groups.append((flat, *cache[id(flat)]))
         constrained_phase = not self.in_free_phase
-        first = constrained_phase and self.__dict__.get("_group_radii") is None
+        first = constrained_phase and any(key not in group_radii for _, key, *_ in groups)
         if first or (constrained_phase and self.project_grad):
-            radii = []
-            for flat, layout, mask, pg in groups:
+            for flat, key, members, layout, mask, pg in groups:
                 grad = flat.grad if self.project_grad and flat.grad is not None else None
                 stats = lawn_shard_partials(layout, flat, grad, norm_scope=self.norm_scope)
                 _sharding.all_reduce(stats, pg)
-                radii.append(stats[0].sqrt())
+                group_radii.setdefault(key, stats[0].sqrt())
                 if grad is not None:
                     lawn_shard_project_grad_(layout, flat, grad, stats, norm_scope=self.norm_scope, constrained=mask)
             if first:
-                self._group_radii = radii
-                self._radii = self._radii_of_constrained(zero, groups)
+                self._radii = self._radii_of_constrained()
         self.base.step()
-        self._set_steps(self._steps + 1)
+        stage3 = not hasattr(zero, "single_partition_of_fp32_groups")
+        if not stage3 or any(key == len(zero.fp16_groups) - 1 for _, key, *_ in groups):
+            self._set_steps(self._steps + 1)
         if constrained_phase:
-            for (flat, layout, mask, pg), radius in zip(groups, self._group_radii):
+            for flat, key, members, layout, mask, pg in groups:
                 stats = lawn_shard_partials(layout, flat, norm_scope=self.norm_scope)
                 _sharding.all_reduce(stats, pg)
-                lawn_shard_rescale_(layout, flat, radius, stats, norm_scope=self.norm_scope,
+                lawn_shard_rescale_(layout, flat, group_radii[key], stats, norm_scope=self.norm_scope,
                                     constraint=self.constraint, constrained=mask)
 
-    def _radii_of_constrained(self, zero, groups) -> list[torch.Tensor]:
-        """Each constrained tensor's radius (for ``radii()`` and the diagnostics), cut from its group's."""
+    def _partition(self, zero, index: int, flat: torch.Tensor):
+        """(key, member parameter ids, layout, constrained mask, process group) of a flat fp32 partition: ZeRO-1/2
+        keep one per param group (key: the group), ZeRO-3 one per sub-group (key: the sub-group)."""
+        from lightning_ext.optimizers.shard_layout import ShardLayout
+
+        if hasattr(zero, "single_partition_of_fp32_groups"):
+            key, members = index, zero.bit16_groups[index]
+            layout, pg = ShardLayout.from_deepspeed(zero, index), zero.real_dp_process_group[index]
+        else:
+            key = next(i for i, t in enumerate(zero.fp32_partitioned_groups_flat) if t is flat)
+            members = zero.fp16_groups[key]
+            layout, pg = ShardLayout.from_deepspeed_zero3(zero, key), zero.dp_process_group
+        ours = {id(p) for p in self.constrained}
+        mask = torch.tensor([id(p) in ours for p in members], device=flat.device)
+        return key, [id(p) for p in members], layout, mask, pg
+
+    def _radii_of_constrained(self) -> list[torch.Tensor] | None:
+        """Each constrained tensor's radius (for ``radii()`` and the diagnostics), cut from its partition's;
+        ``None`` until every partition holding a constrained tensor has recorded its radii."""
         out = []
         for p in self.constrained:
-            for index, (flat, layout, mask, pg) in enumerate(groups):
-                members = [id(q) for q in zero.bit16_groups[index]]
-                if id(p) in members:
+            for key, members, layout, *_ in self.__dict__["_shard_cache"].values():
+                if id(p) in members and key in self._group_radii:
                     i = members.index(id(p))
                     start = layout.row_base[i] if self.norm_scope == "row" else i
                     count = layout.rows(i) if self.norm_scope == "row" else 1
-                    out.append(self._group_radii[index][start:start + count])
+                    out.append(self._group_radii[key][start:start + count])
+                    break
+            else:
+                return None
         return out
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
         if self._on_partitions():
-            from lightning_ext.optimizers._sharding import deepspeed_zero12_caller
+            from lightning_ext.optimizers._sharding import deepspeed_zero3_caller, deepspeed_zero12_caller
 
-            zero = deepspeed_zero12_caller()
+            zero = deepspeed_zero12_caller() or deepspeed_zero3_caller()
             if zero is not None:
                 self._step_on_partitions(zero)
                 return loss
