@@ -111,7 +111,8 @@ class DumpRankState(pl.Callback):
     """At the end of training, every rank writes its weights and technique state to ``out/rank<r>.pt``.
 
     Under DeepSpeed the weights are gathered to full fp32 tensors first (a collective: every
-    rank takes part), so ranks can be compared whatever the ZeRO stage.
+    rank takes part), so ranks can be compared whatever the ZeRO stage; a frozen ZeRO-3 parameter (no fp32
+    master copy) is gathered from its partitions.
     """
 
     def __init__(self, out: Path) -> None:
@@ -124,6 +125,11 @@ class DumpRankState(pl.Callback):
                 from deepspeed.utils import safe_get_full_fp32_param
 
                 full = safe_get_full_fp32_param(p)
+                if full is None and hasattr(p, "ds_id"):  # frozen under ZeRO-3: not in the optimizer
+                    from deepspeed.runtime.zero import GatheredParameters
+
+                    with GatheredParameters([p]):
+                        full = p.detach().clone()
                 params[name] = (full if full is not None else p).detach().clone()
             else:
                 params[name] = p.detach().clone()

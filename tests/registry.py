@@ -122,8 +122,7 @@ REGISTRY: list[Entry] = [
           callbacks=lambda: [QuEST(bits=4, targets=["net.2"], start_step=20, log_every=5)]),
     Entry(name="compander", data=_digits, config="configs/compander.yaml",
           model=lambda: MLPClassifier(hidden=[32], lr=1e-2, weight_decay=0.01),
-          callbacks=lambda: [WeightCompander(hyper_lr=1e-2, log_every=5)],
-          deepspeed={1: "train", 2: "train", 3: "WeightCompander with DeepSpeed ZeRO stage 3 is not supported"}),
+          callbacks=lambda: [WeightCompander(hyper_lr=1e-2, log_every=5)]),
     # the hidden layer becomes 1-bit (SVID at the start, not on resume) and distils from the FP model
     Entry(name="onebit", data=_digits, config="configs/onebit.yaml",
           model=lambda: MLPClassifier(hidden=[32, 32], lr=1e-2),
@@ -144,8 +143,7 @@ REGISTRY: list[Entry] = [
     Entry(name="lotr", data=_tweets, config="configs/lotr.yaml", model=_text_model,
           callbacks=lambda: [LoTR(r=8, modules_to_save=["classifier"])]),
     Entry(name="bone", data=_tweets, config="configs/bone.yaml", model=_text_model,
-          callbacks=lambda: [Bone(r=16, mode="bat", modules_to_save=["classifier"])],
-          deepspeed={1: "train", 2: "train", 3: r"Bone mode='bat' with DeepSpeed ZeRO stage 3 is not supported"}),
+          callbacks=lambda: [Bone(r=16, mode="bat", modules_to_save=["classifier"])]),
 ]
 
 BY_NAME = {e.name: e for e in REGISTRY}

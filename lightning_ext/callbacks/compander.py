@@ -31,7 +31,6 @@ from lightning_ext._checks import check_bool, check_int, check_names, check_numb
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_injection import inject
 from lightning_ext.nn.compander import DEFAULT_TYPES, apply_compander, compander_parameters, remove_compander
-from lightning_ext.strategies.probe import strategy_info
 
 __all__ = ["WeightCompander"]
 
@@ -85,10 +84,6 @@ class WeightCompander(Technique):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and strategy_info(trainer).zero_stage == 3:
-            raise ValueError("WeightCompander with DeepSpeed ZeRO stage 3 is not supported: torch parametrize reads "
-                             "the latent weight outside the module's forward, where ZeRO-3 has not gathered it. "
-                             "Use ZeRO stage 1 or 2, DDP, or a single device.")
         self.prepare(pl_module)
         self._module = pl_module
         if stage == "fit":

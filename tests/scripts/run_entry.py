@@ -39,8 +39,13 @@ def main() -> int:
     from registry import BY_NAME
 
     entry = BY_NAME[args.entry]
+    strategy = args.strategy
+    if strategy.startswith("deepspeed_cpu_stage_"):  # every parameter partitioned under ZeRO-3, however small
+        from lightning_ext.strategies import DeepSpeedCPUStrategy
+
+        strategy = DeepSpeedCPUStrategy(stage=int(strategy.rsplit("_", 1)[1]), param_persistence_threshold=0)
     try:
-        fit(entry, args.out, entry.steps, callbacks=[DumpRankState(args.out)], strategy=args.strategy,
+        fit(entry, args.out, entry.steps, callbacks=[DumpRankState(args.out)], strategy=strategy,
             devices=args.devices, val_check_interval=None, limit_val_batches=0)
     except Exception as err:  # noqa: BLE001 - the test reads the refusal message
         return write_error(args.out, err)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 from torch import nn
 
 from lightning_ext._checks import check_choice, check_int, check_number
 from lightning_ext.callbacks.adapters._base import PeftAdapter, quantized_targets
-from lightning_ext.strategies.probe import strategy_info
 from lightning_ext.surgery import SurgeryError, select_modules
 
 __all__ = ["BONE_MODES", "Bone"]
@@ -44,12 +42,6 @@ class Bone(PeftAdapter):
         check_int("mini_r", mini_r, 1)
         check_number("dropout", dropout, 0.0, 1.0, high_open=True)
         self.r, self.mode, self.mini_r, self.dropout = r, mode, mini_r, dropout
-
-    def check_strategy(self, trainer: pl.Trainer) -> None:
-        if self.mode == "bat" and strategy_info(trainer).zero_stage == 3:
-            raise ValueError("Bone mode='bat' with DeepSpeed ZeRO stage 3 is not supported: the block-affine update "
-                             "reads the base weight outside the base layer's forward, where ZeRO-3 has not gathered "
-                             "it. Use mode='bone', or ZeRO stage 1/2.")
 
     def build_config(self, model: nn.Module, saved: dict[str, Any] | None) -> Any:
         from peft import MissConfig
