@@ -163,3 +163,13 @@ def test_collectives_per_step_do_not_grow_with_the_number_of_parameters(tmp_path
     _, deep = _sharded_run(tmp_path / "deep", 2, name, "deep", collectives=True)
     assert deep == shallow and max(shallow) <= 2, (shallow, deep)
     assert max(shallow) >= 1  # the statistics are reduced at all (the negative control above shows they must be)
+
+
+def test_param_persistence_threshold_reaches_the_config_and_is_checked():
+    from lightning_ext.strategies import DeepSpeedCPUStrategy
+
+    strategy = DeepSpeedCPUStrategy(stage=3, param_persistence_threshold=0)
+    assert strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert "stage3_param_persistence_threshold" not in DeepSpeedCPUStrategy(stage=3).config["zero_optimization"]
+    with pytest.raises(ValueError, match="^param_persistence_threshold must be"):
+        DeepSpeedCPUStrategy(stage=3, param_persistence_threshold=-1)
