@@ -51,3 +51,27 @@ def test_a_rank_local_technique_fails_the_one_process_comparison(tmp_path, monke
     monkeypatch.undo()
     one = one_process_parameters(entry, tmp_path / "one", 2)
     assert worst_difference(r0["params"], one) > 100 * TOLERANCE
+
+
+@pytest.mark.distributed
+def test_a_two_rank_checkpoint_resumes_on_one_process(tmp_path):
+    """2 → 1: a checkpoint written mid-epoch by 2 DDP ranks resumes on one process with the global batch and
+    ends where the one-process run that never stopped ends (the data position converts: the ranks consumed the
+    first k × b × 2 samples of the epoch's permutation, one process skips k batches of 2b). A layout whose
+    global batch does not divide the consumed samples is refused, naming both."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from harness import fit
+
+    entry = BY_NAME["baseline_adamw"]
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="stop", every_n_train_steps=entry.resume_at,
+                            save_top_k=-1)
+    fit(entry, tmp_path / "ranks", entry.resume_at, callbacks=[saver], enable_checkpointing=True,
+        strategy="ddp_fork", devices=2)
+    ckpt = str(tmp_path / "ckpt" / "stop.ckpt")
+    resumed = fit(entry, tmp_path / "resumed", entry.steps, ckpt_path=ckpt, batch_scale=2)
+    params = {n: p.detach() for n, p in resumed.lightning_module.named_parameters()}
+    assert worst_difference(params, one_process_parameters(entry, tmp_path / "one", 2)) < TOLERANCE
+    b = entry.data().batch_size  # the step is in epoch 1 there: one batch consumed per rank, 2b samples
+    with pytest.raises(ValueError, match=rf"of {b} on each of 2 processes.*batches of {3 * b} on 1 processes"):
+        fit(entry, tmp_path / "odd", entry.steps, ckpt_path=ckpt, batch_scale=3)
