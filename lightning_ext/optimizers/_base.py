@@ -92,7 +92,7 @@ class PerTensorOptimizer(Optimizer):
     def _sharded_update(self, group: dict, layout: Any, p: torch.Tensor, g: torch.Tensor, state: dict,
                         reduce: Callable[[torch.Tensor], None]) -> None:
         """The step on one flat partition (``layout`` says what it holds); ``reduce`` sums a statistics tensor
-        over the ranks in place. Subclasses that implement it train under DeepSpeed ZeRO-1/2."""
+        over the ranks in place. Subclasses that implement it train under DeepSpeed ZeRO-1/2/3."""
         raise NotImplementedError
 
     def _step_on_partitions(self, zero: Any) -> None:
@@ -104,7 +104,8 @@ class PerTensorOptimizer(Optimizer):
                 continue
             (flat,) = group["params"]
             if id(flat) not in layouts:
-                layouts[id(flat)] = _deepspeed_partition(zero, index, flat, type(self).__name__)
+                _, _, layout, process_group = _sharding.deepspeed_partition(zero, index, flat, type(self).__name__)
+                layouts[id(flat)] = layout, process_group
             layout, process_group = layouts[id(flat)]
             params, grads, states = self._init_group(group)
             if not params:
@@ -127,18 +128,3 @@ class PerTensorOptimizer(Optimizer):
             if params:
                 self._update(group, params, grads, states)
         return loss
-
-
-def _deepspeed_partition(zero: Any, index: int, flat: torch.Tensor, who: str) -> tuple[Any, Any]:
-    """The layout of the flat fp32 partition ``flat`` (param group ``index``) and the process group its
-    statistics are reduced over: ZeRO-1/2 keep one partition per param group, ZeRO-3 one per sub-group."""
-    from lightning_ext.optimizers.shard_layout import ShardLayout
-
-    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
-        if flat is not zero.single_partition_of_fp32_groups[index]:
-            raise RuntimeError(f"{who}: param group {index} is not DeepSpeed's fp32 partition")
-        return ShardLayout.from_deepspeed(zero, index), zero.real_dp_process_group[index]
-    sub = next((i for i, t in enumerate(zero.fp32_partitioned_groups_flat) if t is flat), None)
-    if sub is None:
-        raise RuntimeError(f"{who}: param group {index} holds none of DeepSpeed ZeRO-3's fp32 sub-group partitions")
-    return ShardLayout.from_deepspeed_zero3(zero, sub), zero.dp_process_group

@@ -51,36 +51,48 @@ def check_full_shapes(optimizer: torch.optim.Optimizer, expected: bool, what: st
             "algorithm. Use DDP, or DeepSpeed without ZeRO partitioning (stage 0, fp32), for this optimizer.")
 
 
-def deepspeed_zero12_caller():
-    """The DeepSpeed ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``) that is stepping this optimizer, found by
-    walking the caller frames; ``None`` under anything else (ZeRO-3 included). Called once per step, only when
-    the param groups hold flat partitions."""
+def _stepping(class_name: str, attribute: str):
+    """The ``self`` of the nearest caller frame whose class is ``class_name`` and has ``attribute``, else None."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
             owner = frame.f_locals.get("self")
-            if type(owner).__name__ == "DeepSpeedZeroOptimizer" and hasattr(owner, "single_partition_of_fp32_groups"):
+            if type(owner).__name__ == class_name and hasattr(owner, attribute):
                 return owner
             frame = frame.f_back
         return None
     finally:
         del frame
+
+
+def deepspeed_zero12_caller():
+    """The DeepSpeed ZeRO-1/2 optimizer (``DeepSpeedZeroOptimizer``) that is stepping this optimizer, found by
+    walking the caller frames; ``None`` under anything else (ZeRO-3 included). Called once per step, only when
+    the param groups hold flat partitions."""
+    return _stepping("DeepSpeedZeroOptimizer", "single_partition_of_fp32_groups")
 
 
 def deepspeed_zero3_caller():
     """The DeepSpeed ZeRO-3 optimizer (``DeepSpeedZeroOptimizer_Stage3``) stepping this optimizer (it steps one
     sub-group per call, the other groups' ``params`` empty); ``None`` under anything else."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if type(owner).__name__ == "DeepSpeedZeroOptimizer_Stage3" and hasattr(owner,
-                                                                                    "fp32_partitioned_groups_flat"):
-                return owner
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
+    return _stepping("DeepSpeedZeroOptimizer_Stage3", "fp32_partitioned_groups_flat")
+
+
+def deepspeed_partition(zero, index: int, flat: torch.Tensor, who: str) -> tuple[int, list, object, object]:
+    """What the flat fp32 partition ``flat`` (param group ``index``) is: ``(key, member parameters, layout,
+    process group)``. ZeRO-1/2 keep one partition per param group (key: the group), ZeRO-3 one per sub-group
+    (key: the sub-group); the statistics are reduced over the process group."""
+    from lightning_ext.optimizers.shard_layout import ShardLayout
+
+    if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        if flat is not zero.single_partition_of_fp32_groups[index]:
+            raise RuntimeError(f"{who}: param group {index} is not DeepSpeed's fp32 partition")
+        return (index, zero.bit16_groups[index], ShardLayout.from_deepspeed(zero, index),
+                zero.real_dp_process_group[index])
+    sub = next((i for i, t in enumerate(zero.fp32_partitioned_groups_flat) if t is flat), None)
+    if sub is None:
+        raise RuntimeError(f"{who}: param group {index} holds none of DeepSpeed ZeRO-3's fp32 sub-group partitions")
+    return sub, zero.fp16_groups[sub], ShardLayout.from_deepspeed_zero3(zero, sub), zero.dp_process_group
 
 
 def all_reduce(tensor: torch.Tensor, group) -> None:

@@ -156,11 +156,6 @@ def _adaptive_eps(rms_g: torch.Tensor, eps: float, eps2: float, p: float, mode: 
     return torch.where((rms_g > 0) & (scaled < eps), scaled.pow(2 * p), fallback)
 
 
-def _adaptive_eps_of_zero(eps: float, eps2: float, p: float, mode: str) -> float:
-    """:func:`_adaptive_eps` at a gradient RMS of 0 (what padding elements of a flat partition get)."""
-    return {"v3": 0.0, "v2": 0.0, "max": eps}.get(mode, eps ** (2 * p))
-
-
 def _rms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
 
@@ -220,7 +215,8 @@ def fadam_shard_round2(w: torch.Tensor, g: torch.Tensor, fim: torch.Tensor, stat
     # (padding: the epsilon of RMS 0)
     denom = fim.sqrt() if p == 0.5 else fim.pow(p)
     apply_per_param_(layout, denom, _adaptive_eps((stats1[0] / numel).sqrt(), eps, eps2, p, eps_mode), "add_")
-    fill_padding_(layout, denom, _adaptive_eps_of_zero(eps, eps2, p, eps_mode)).clamp_min_(min_denominator)
+    fill_padding_(layout, denom, _adaptive_eps(stats1.new_zeros(()), eps, eps2, p, eps_mode))
+    denom.clamp_min_(min_denominator)
     gbar = g.to(fim.dtype).div(denom)
     wbar = w.to(denom.dtype).div(denom)
     live = param_nonzeros(layout, fim)  # the live coordinates (fim != 0) of each tensor

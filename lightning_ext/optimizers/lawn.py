@@ -198,17 +198,11 @@ class LAWN(WrapperOptimizer):
                                     constraint=self.constraint, constrained=mask)
 
     def _partition(self, zero, index: int, flat: torch.Tensor):
-        """(key, member parameter ids, layout, constrained mask, process group) of a flat fp32 partition: ZeRO-1/2
-        keep one per param group (key: the group), ZeRO-3 one per sub-group (key: the sub-group)."""
-        from lightning_ext.optimizers.shard_layout import ShardLayout
+        """(key, member parameter ids, layout, constrained mask, process group) of a flat fp32 partition (see
+        :func:`._sharding.deepspeed_partition`)."""
+        from lightning_ext.optimizers._sharding import deepspeed_partition
 
-        if hasattr(zero, "single_partition_of_fp32_groups"):
-            key, members = index, zero.bit16_groups[index]
-            layout, pg = ShardLayout.from_deepspeed(zero, index), zero.real_dp_process_group[index]
-        else:
-            key = next(i for i, t in enumerate(zero.fp32_partitioned_groups_flat) if t is flat)
-            members = zero.fp16_groups[key]
-            layout, pg = ShardLayout.from_deepspeed_zero3(zero, key), zero.dp_process_group
+        key, members, layout, pg = deepspeed_partition(zero, index, flat, "LAWN")
         ours = {id(p) for p in self.constrained}
         mask = torch.tensor([id(p) in ours for p in members], device=flat.device)
         return key, [id(p) for p in members], layout, mask, pg

@@ -23,7 +23,7 @@ from functools import cached_property
 import torch
 
 __all__ = ["Segment", "ShardLayout", "apply_per_param_", "fill_padding_", "param_dots", "param_nonzeros",
-           "param_sums", "per_element", "per_row_element", "product_buffer", "row_dots", "row_sums"]
+           "param_sums", "per_element", "per_row_element", "row_dots", "row_sums"]
 
 
 @dataclass(frozen=True)
@@ -255,24 +255,12 @@ def _param_pieces(layout: ShardLayout) -> tuple[_Piece, ...]:
     return tuple(_Piece(s.start, 1, s.length, s.param) for s in layout.segments if s.length)
 
 
-def product_buffer(like: torch.Tensor, k: int) -> torch.Tensor:
-    """An uninitialised ``[k, local]`` tensor to write ``k`` products into (``torch.mul(a, b, out=buf[i])``) and
-    hand to :func:`row_sums` / :func:`param_sums` as is: no per-product allocation, no stacking copy."""
-    return torch.empty(k, like.numel(), dtype=like.dtype, device=like.device)
-
-
-def _sums(pieces: Sequence[_Piece], products: Sequence[torch.Tensor] | torch.Tensor, entries: int) -> torch.Tensor:
-    if isinstance(products, torch.Tensor):  # already [K, local] (product_buffer)
-        stacked = products
-    else:  # copying into one buffer is ~5x faster than torch.stack of 1-D tensors on CPU
-        stacked = product_buffer(products[0], len(products))
-        for row, product in zip(stacked, products):
-            row.copy_(product)
-    k = stacked.shape[0]
-    out = stacked.new_zeros(k, entries)
+def _sums(pieces: Sequence[_Piece], products: Sequence[torch.Tensor], entries: int) -> torch.Tensor:
+    out = products[0].new_zeros(len(products), entries)
     for piece in pieces:
-        block = stacked[:, piece.start:piece.start + piece.count * piece.width].view(k, piece.count, piece.width)
-        out[:, piece.index:piece.index + piece.count] += block.sum(-1)
+        stop, rows = piece.start + piece.count * piece.width, slice(piece.index, piece.index + piece.count)
+        for k, product in enumerate(products):
+            out[k, rows] = product[piece.start:stop].view(piece.count, piece.width).sum(-1)
     return out
 
 
@@ -320,7 +308,7 @@ def param_nonzeros(layout: ShardLayout, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def fill_padding_(layout: ShardLayout, x: torch.Tensor, value: float) -> torch.Tensor:
+def fill_padding_(layout: ShardLayout, x: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
     """``x[padding] = value``: the local elements no segment covers."""
     at = 0
     for s in sorted(layout.segments, key=lambda s: s.start):
@@ -332,16 +320,16 @@ def fill_padding_(layout: ShardLayout, x: torch.Tensor, value: float) -> torch.T
     return x
 
 
-def row_sums(layout: ShardLayout, products: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+def row_sums(layout: ShardLayout, products: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[len(products), layout.total_rows]``: each local elementwise product summed per row of the fixed order
     (zeros for rows this rank does not hold). Adding these over ranks gives the unsharded row sums. Computed on
     views of each segment's whole rows (and its partial first and last row): no index tensors, no scatter (a
     masked ``index_add_`` over a 1 M-element partition took 20 ms per product on one CPU thread; this 0.1 ms).
-    ``products``: a list of local tensors, or a ``[K, local]`` tensor (:func:`product_buffer`)."""
+    The optimizers use :func:`row_dots`, which needs no product tensors."""
     return _sums(_row_pieces(layout), products, layout.total_rows)
 
 
-def param_sums(layout: ShardLayout, products: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+def param_sums(layout: ShardLayout, products: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[len(products), len(layout.shapes)]``: each local product summed per parameter (per-tensor statistics:
     FAdam's RMS, LAWN's norms); zeros for parameters this rank does not hold."""
     return _sums(_param_pieces(layout), products, len(layout.shapes))
