@@ -131,6 +131,8 @@ class DumpRankState(pl.Callback):
                     with GatheredParameters([p]):
                         full = p.detach().clone()
                 params[name] = (full if full is not None else p).detach().clone()
+            elif hasattr(p, "full_tensor"):  # FSDP2: a DTensor sharded on dim 0
+                params[name] = p.detach().full_tensor().clone()
             else:
                 params[name] = p.detach().clone()
         state = {"params": params, "callbacks": clone(technique_callbacks(trainer)),
