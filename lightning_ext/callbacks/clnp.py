@@ -49,6 +49,7 @@ from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_trai
 from lightning_ext.nn.clnp import CLNPLinear, activity_l1
 from lightning_ext.nn.clnp_network import CLNPNetwork
 from lightning_ext.progress import setup_bar
+from lightning_ext.strategies.probe import strategy_info
 from lightning_ext.surgery import gathered_parameters
 
 __all__ = ["CLNP"]
@@ -114,6 +115,10 @@ class CLNP(Technique):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        if strategy_info(trainer).is_fsdp:
+            raise RuntimeError("CLNP with FSDP is not supported: pruning and freezing rewrite weight rows and "
+                               "masks outside the forward, where FSDP holds only each rank's shard. Use DDP or "
+                               "DeepSpeed ZeRO-1/2/3.")
         self.prepare(pl_module)
         task = self._task_of(trainer)
         if task >= len(self.heads):

@@ -10,7 +10,7 @@ only with automatic optimization under ``32-true``/``64-true``/``bf16-mixed`` pr
 without gradient accumulation. The other combinations are refused in ``setup``, naming both
 parts: ``16-mixed`` (GradScaler calls the closure itself), ``bf16-true`` (perturb/restore need
 fp32 weights), ``accumulate_grad_batches > 1`` (pass 2 would see only the last micro-batch),
-manual optimization, and DeepSpeed (the engine steps the optimizer without a closure).
+manual optimization, DeepSpeed (the engine steps the optimizer without a closure) and FSDP (shards).
 """
 
 from __future__ import annotations
@@ -70,6 +70,9 @@ class CrAM(Technique):
         if stage is not None:
             raise RuntimeError(f"CrAM with DeepSpeed (ZeRO stage {stage}) is not supported: the engine steps the "
                                "optimizer without a closure, and CrAM needs two passes per step. Use DDP.")
+        if strategy_info(trainer).is_fsdp:
+            raise RuntimeError("CrAM with FSDP is not supported: its perturbation and top-k masks act on whole "
+                               "tensors, and FSDP hands the optimizer per-rank shards. Use DDP.")
         precision = str(trainer.precision)
         if precision not in SUPPORTED_PRECISION:
             raise RuntimeError(f"CrAM with precision={precision!r} is not supported: it needs Lightning's closure "
@@ -86,10 +89,13 @@ class CrAM(Technique):
         if stage != "fit":
             return
         self._refuse_unsupported(trainer, pl_module)
-        if self.layers is not None:
-            prunable = [m.weight for _, m in select_modules(pl_module, self.layers, what="CrAM layers")]
-        else:
-            prunable = [p for p in pl_module.parameters() if p.requires_grad and p.dim() > 1]
+        layers = None if self.layers is None else select_modules(pl_module, self.layers, what="CrAM layers")
+
+        def prunable() -> list:  # read when the optimizers are configured (after any sharding of the module)
+            if layers is not None:
+                return [m.weight for _, m in layers]
+            return [p for p in pl_module.parameters() if p.requires_grad and p.dim() > 1]
+
         batchnorm = batchnorm_modules(pl_module)
 
         self.optimizers = []

@@ -62,17 +62,15 @@ class LAWN(Technique):
         super().setup(trainer, pl_module, stage)
         # DeepSpeed ZeRO-1/2/3: LAWN rescales the fp32 master partitions exactly (optimizers/lawn.py)
         targets = self._targets(pl_module)
-        weights = []
         for name, module in targets:
             if not isinstance(getattr(module, "weight", None), nn.Parameter):
                 raise ValueError(f"LAWN layers: {name!r} ({type(module).__name__}) has no weight parameter")
-            weights.append(module.weight)
             if getattr(module, "bias", None) is not None:
                 warnings.warn(f"LAWN: {name!r} has a bias, which breaks the homogeneity the constraint relies on; "
                               "the bias is left unconstrained", stacklevel=2)
 
         self.optimizers = []
-        inject_wrapper(pl_module, weights,
+        inject_wrapper(pl_module, lambda: [module.weight for _, module in targets],
                        lambda opt, mine: LAWNOptimizer(opt, mine, self.free_steps, self.norm_scope, self.constraint,
                                                        self.project_grad),
                        lambda wrapped: self.optimizers.append(wrapped), self)

@@ -86,14 +86,18 @@ def uninject(pl_module: pl.LightningModule, owner: object) -> None:
             pl_module.configure_optimizers = chain["own"]
 
 
-def inject_wrapper(pl_module: pl.LightningModule, tensors: list, make: Callable[[Optimizer, list], Optimizer],
-                   register: Callable[[Optimizer], None], owner: object) -> None:
-    """Wrap every optimizer that owns some of ``tensors`` as ``make(optimizer, owned_tensors)`` and pass
-    each wrapper to ``register``; optimizers owning none of them are returned unwrapped."""
+def inject_wrapper(pl_module: pl.LightningModule, tensors: Callable[[], list],
+                   make: Callable[[Optimizer, list], Optimizer], register: Callable[[Optimizer], None],
+                   owner: object) -> None:
+    """Wrap every optimizer that owns some of ``tensors()`` as ``make(optimizer, owned_tensors)`` and pass
+    each wrapper to ``register``; optimizers owning none of them are returned unwrapped.
+
+    ``tensors`` is called when the optimizers are configured, not at injection: a strategy that shards the
+    module in between (FSDP2's ``fully_shard``) replaces its parameters with new (DTensor) ones."""
 
     def wrap(optimizer: Optimizer) -> Optimizer:
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        mine = [t for t in tensors if id(t) in owned]
+        mine = [t for t in tensors() if id(t) in owned]
         if not mine:
             return optimizer
         wrapped = make(optimizer, mine)

@@ -1,7 +1,8 @@
 """The shared shell of the per-tensor optimizers (AdamP, SGDP, FAdam), in torch.optim's layering.
 
-``step`` runs the closure; on DeepSpeed ZeRO-1/2's flat partitions it runs the subclass's sharded update (exact
-statistics, :mod:`.shard_layout`), on other flat 1-D partitions it refuses (see :mod:`._sharding`);
+``step`` runs the closure; on DeepSpeed ZeRO-1/2/3's flat partitions and on FSDP2's dim-0 DTensor shards it runs the
+subclass's sharded update (exact statistics, :mod:`.shard_layout`), on other flat 1-D partitions it refuses (see
+:mod:`._sharding`);
 and for each param group gathers the parameters with gradients and their state lists
 (``_init_group``, creating state on first use), then calls the subclass's functional update.
 """
@@ -20,6 +21,7 @@ from lightning_ext.optimizers._sharding import (
     check_full_shapes,
     deepspeed_zero3_caller,
     deepspeed_zero12_caller,
+    dtensor_params,
     had_matrices,
 )
 from lightning_ext.optimizers._wrapper import evaluate_closure
@@ -51,6 +53,20 @@ def _use_foreach(foreach: bool | None, params: list[torch.Tensor]) -> bool:
     if foreach is not None:
         return foreach
     return len(params) > 1 and all(p.device.type == "cuda" for p in params)
+
+
+def _cat_local(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The local shards of DTensors, flattened and concatenated (a copy)."""
+    return torch.cat([t.to_local().reshape(-1) for t in tensors])
+
+
+def _split_local_(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Write ``flat`` back into the local shards it was concatenated from."""
+    at = 0
+    for t in tensors:
+        local = t.to_local()
+        local.view(-1).copy_(flat[at:at + local.numel()])
+        at += local.numel()
 
 
 class PerTensorOptimizer(Optimizer):
@@ -113,9 +129,40 @@ class PerTensorOptimizer(Optimizer):
             self._sharded_update(group, layout, params[0], grads[0], self.state[params[0]],
                                  lambda t, pg=process_group: _sharding.all_reduce(t, pg))
 
+    def _step_on_dtensors(self) -> None:
+        """FSDP2: each param group's local dim-0 shards are concatenated into one flat tensor (parameters,
+        gradients and state alike), stepped by the subclass's sharded update (one all-reduce per statistic round
+        for the whole group) and written back. The state stays one DTensor per parameter, as FSDP2's
+        checkpointing expects; the price is a copy of parameters and state in and out of the flat buffers."""
+        from lightning_ext.optimizers import _sharding
+
+        layouts = self.__dict__.setdefault("_dtensor_layouts", {})
+        for group in self.param_groups:
+            params, grads, states = self._init_group(group)
+            if not params:
+                continue
+            key = tuple(id(p) for p in params)
+            if key not in layouts:
+                layouts[key] = _sharding.dtensor_partition(params, type(self).__name__)
+            layout, process_group = layouts[key]
+            flat = {k: v[0] if v[0].dim() == 0 and not hasattr(v[0], "to_local") else _cat_local(v)
+                    for k, v in states.items()}
+            p, g = _cat_local(params), _cat_local(grads)
+            self._sharded_update(group, layout, p, g, flat, lambda t, pg=process_group: _sharding.all_reduce(t, pg))
+            _split_local_(p, params)
+            for k, tensors in states.items():
+                if flat[k] is tensors[0]:  # a shared 0-d counter (the step), advanced on the first parameter's
+                    for t in tensors[1:]:
+                        t.copy_(flat[k])
+                else:
+                    _split_local_(flat[k], tensors)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
+        if type(self)._sharded_update is not PerTensorOptimizer._sharded_update and dtensor_params(self.param_groups):
+            self._step_on_dtensors()  # FSDP2: exact statistics on the dim-0 shards
+            return loss
         if self._had_matrices and not had_matrices(self.param_groups):
             zero = (deepspeed_zero12_caller() or deepspeed_zero3_caller()) \
                 if type(self)._sharded_update is not PerTensorOptimizer._sharded_update else None

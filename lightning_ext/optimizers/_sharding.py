@@ -99,3 +99,32 @@ def all_reduce(tensor: torch.Tensor, group) -> None:
     """The one collective per statistic round (a module attribute, so a test can replace it by a no-op: the
     shard-local negative control)."""
     torch.distributed.all_reduce(tensor, group=group)
+
+
+def dtensor_params(param_groups: list[dict]) -> bool:
+    """Whether the parameters are DTensors (FSDP2's ``fully_shard``; checked once per step)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for g in param_groups for p in g["params"])
+
+
+def dtensor_partition(params: list, who: str):
+    """``(layout, process group)`` of the local shards of FSDP2 DTensor parameters, concatenated in order: each
+    must be sharded on dim 0 over one 1-D mesh (``torch.chunk`` sizes, :meth:`ShardLayout.dim0_shards`)."""
+    from torch.distributed.tensor import Shard
+
+    from lightning_ext.optimizers.shard_layout import ShardLayout
+
+    mesh = params[0].device_mesh
+    for p in params:
+        if p.device_mesh != mesh or mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise RuntimeError(f"{who} under FSDP2 needs every parameter sharded on dim 0 over one 1-D device mesh "
+                               f"(fully_shard's layout); got placements {tuple(p.placements)} on a {mesh.ndim}-D "
+                               "mesh (tensor parallelism is not supported)")
+    layout = ShardLayout.dim0_shards([p.shape for p in params], mesh.size(), mesh.get_local_rank())
+    held = [s.length for s in layout.segments]
+    local = [p.to_local().numel() for p in params if p.to_local().numel()]
+    if held != local:
+        raise RuntimeError(f"{who}: FSDP2's local shards hold {local} elements, dim-0 chunks of the full shapes "
+                           f"{held}: the sharding is not torch.chunk on dim 0")
+    return layout, mesh.get_group()

@@ -3,7 +3,8 @@
 Every technique that refuses or adapts to a strategy asks :func:`strategy_info` — never ``type(...).__name__``
 or the strategy's private config. DeepSpeed's ZeRO stage is read from the strategy's resolved config
 (``zero_optimization.stage``, 0 when absent); FSDP is Lightning's :class:`~lightning.pytorch.strategies.FSDPStrategy`
-(any sharding strategy, ``NO_SHARD`` included: it still wraps the module and flattens parameters).
+(any sharding strategy, ``NO_SHARD`` included: it still wraps the module and flattens parameters) or its
+:class:`~lightning.pytorch.strategies.ModelParallelStrategy` (FSDP2, :class:`~lightning_ext.strategies.FSDPCPUStrategy`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy,
+                                         SingleDeviceStrategy, Strategy)
 
 __all__ = ["StrategyInfo", "strategy_info"]
 
@@ -47,7 +49,7 @@ def strategy_info(trainer_or_strategy: pl.Trainer | Strategy) -> StrategyInfo:
     if isinstance(strategy, DeepSpeedStrategy):
         config = strategy.config or {}
         return StrategyInfo("deepspeed", int(config.get("zero_optimization", {}).get("stage", 0)))
-    if isinstance(strategy, FSDPStrategy):
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):  # FSDP1, FSDP2 (fsdp_cpu included)
         return StrategyInfo("fsdp")
     if isinstance(strategy, DDPStrategy):
         return StrategyInfo("ddp")
