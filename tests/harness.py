@@ -175,3 +175,51 @@ def initial_parameters(entry: Entry, root: Path, **kwargs: Any) -> dict[str, tor
     technique's setup (an adapter renames and adds parameters), before any step (``max_steps=0``)."""
     trainer = fit(entry, root, 0, **kwargs)
     return {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters()}
+
+
+SCRIPT = Path(__file__).parent / "scripts" / "run_entry.py"
+
+
+def run_entry(entry: Entry, out: Path, strategy: str, *extra: str):
+    """Train ``entry`` on 2 processes of ``strategy`` through ``scripts/run_entry.py`` (strategies whose launcher
+    re-runs the script: DeepSpeed, FSDP2); each rank's state lands in ``out``."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(SCRIPT), entry.name, str(out), "--strategy", strategy, "--devices",
+                           "2", *extra], cwd=out.parent, capture_output=True, text=True, timeout=480)
+
+
+def errors_of(out: Path) -> list[str]:
+    return [e.read_text() for e in sorted(Path(out).glob("error*.txt"))] if Path(out).exists() else []
+
+
+def sharded_difference(entry: Entry, out: Path, proc, root: Path) -> float:
+    """Check a 2-process sharded run of ``entry`` (``run_entry``): it ended cleanly, the ranks agree bit for bit,
+    the weights are finite and moved; returns max |its full weights - the reference| (``entry.sharded_reference``:
+    one process on the global batch, or 2 DDP processes)."""
+    errors = errors_of(out)
+    assert proc.returncode == 0 and not errors, proc.stdout[-3000:] + proc.stderr[-3000:] + "".join(errors)
+    r0, r1 = rank_states(out, 2)
+    assert r0["world_size"] == 2 and r0["global_step"] == entry.steps
+    assert differences(r0, r1) == []
+    assert all(torch.isfinite(p).all() for p in r0["params"].values())
+    initial = initial_parameters(entry, root / "initial")  # after setup, before any step
+    common = [n for n in initial if n in r0["params"]]
+    assert common and any(not torch.equal(r0["params"][n], initial[n]) for n in common), "nothing trained"
+    if entry.sharded_reference == "ddp":  # 2 DDP processes, equal to one process in float64 (test_ranks)
+        reference = ddp_rank_states(entry, root / "ddp")[0]["params"]
+    else:  # one process, unsharded, on the global batch
+        reference = one_process_parameters(entry, root / "one", 2)
+    return worst_difference(r0["params"], reference)
+
+
+def refusal_of(out: Path, proc, expected: str) -> str:
+    """The first line of the refusal a sharded run wrote (asserted to match ``expected``)."""
+    import re
+
+    errors = errors_of(out)
+    assert errors, f"expected a refusal matching {expected!r}; run ended with rc={proc.returncode}"
+    message = errors[0].splitlines()[0]
+    assert re.search(expected, message), message
+    return message

@@ -43,6 +43,8 @@ class Entry:
     sharded_reference: str = "one_process"
     #: accumulate_grad_batches=2: "equal" (to the doubled batch, tests/test_accumulation.py) or the refusal's regex
     accumulation: str = "equal"
+    #: under FSDP2 (fsdp_cpu, tests/test_fsdp.py): "train" (equal to ``sharded_reference``) or the refusal's regex
+    fsdp: str = "train"
 
 
 class MLPWith(MLPClassifier):
@@ -99,6 +101,7 @@ REGISTRY: list[Entry] = [
           model=lambda: MLPWith("torch.optim.SGD", lr=0.05, momentum=0.9, weight_decay=5e-4),
           callbacks=lambda: [CrAM(rho=0.05, sparsities=[0.5, 0.7, 0.9])],
           accumulation=r"CrAM with accumulate_grad_batches=2 is not supported",
+          fsdp=r"CrAM with FSDP is not supported",
           deepspeed={s: r"CrAM with DeepSpeed \(ZeRO stage" for s in (1, 2, 3)}),
     # warm-up ends at step 20: the resume test stops (13) inside it and the run crosses into reweighting
     Entry(name="reweighting", data=_digits, config="configs/reweighting.yaml",
@@ -110,7 +113,7 @@ REGISTRY: list[Entry] = [
     Entry(name="clnp", config="configs/clnp.yaml",
           data=lambda: SplitDigitsDataModule(task=0, batch_size=8, seed=0),
           model=lambda: ContinualMLP(hidden=[32, 32], num_tasks=2),
-          callbacks=lambda: [CLNP(l1=1e-3, margin=0.015)]),
+          callbacks=lambda: [CLNP(l1=1e-3, margin=0.015)], fsdp=r"CLNP with FSDP is not supported"),
     # quantization starts at step 20: the resume test stops (13) before it and resumes across the switch.
     # Compared with one process in float64: round-to-nearest is discontinuous, so in fp32 the ~1e-7 of
     # reduction-order noise between 2 ranks and one process flips a few quantized values once quantization starts

@@ -12,8 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy,
-                                         SingleDeviceStrategy, Strategy)
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 
 __all__ = ["StrategyInfo", "strategy_info"]
 

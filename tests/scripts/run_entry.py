@@ -1,6 +1,7 @@
 """Train a registry entry in its own processes (for strategies whose launcher re-runs the script).
 
     python tests/scripts/run_entry.py ENTRY OUT --strategy deepspeed_cpu_stage_2 --devices 2
+    python tests/scripts/run_entry.py ENTRY OUT --strategy fsdp_cpu --devices 2
 
 Each rank writes ``OUT/rank<r>.pt`` (see ``harness.DumpRankState``); a refusal at setup is
 written to ``OUT/error.txt``. Exits through ``os._exit`` after tearing down the process group:
@@ -27,11 +28,17 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--shard-local", action="store_true",
                         help="negative control: the sharded optimizers' statistics without their all-reduce")
+    parser.add_argument("--count-collectives", action="store_true",
+                        help="write OUT/collectives<rank>.json: the statistic all-reduces of the whole run")
     args = parser.parse_args()
-    if args.shard_local:
-        from lightning_ext.optimizers import _sharding
+    from lightning_ext.optimizers import _sharding
 
+    calls = []
+    if args.shard_local:
         _sharding.all_reduce = lambda tensor, group: None
+    elif args.count_collectives:
+        reduce = _sharding.all_reduce
+        _sharding.all_reduce = lambda tensor, group: (calls.append(tensor.numel()), reduce(tensor, group))
 
     logging.getLogger("lightning").setLevel(logging.WARNING)
     import lightning_ext.strategies  # noqa: F401  (registers deepspeed_cpu*)
@@ -49,6 +56,11 @@ def main() -> int:
             devices=args.devices, val_check_interval=None, limit_val_batches=0)
     except Exception as err:  # noqa: BLE001 - the test reads the refusal message
         return write_error(args.out, err)
+    if args.count_collectives:
+        import json
+        import os
+
+        (args.out / f"collectives{os.environ.get('LOCAL_RANK', '0')}.json").write_text(json.dumps(calls))
     return 0
 
 
