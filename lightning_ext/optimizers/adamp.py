@@ -31,10 +31,10 @@ buffer itself (the reference's in-place projection acts on ``buf``), and SGDP's 
 decay is divided by ``1 - momentum``, so ``SGDP(delta=0)`` is not ``torch.optim.SGD``.
 
 Under DeepSpeed ZeRO the optimizer sees flat 1-D partitions and the projection could never
-fire (AdamP would silently become AdamW): under ZeRO-1/2
+fire (AdamP would silently become AdamW): under ZeRO-1/2/3
 ``step`` computes the statistics exactly on the partitions (``*_shard_*`` functions below, one all-reduce
-per statistic round; :mod:`.shard_layout`); under ZeRO-3 and DeepSpeed's BF16 optimizer it still refuses,
-naming the stage.
+per statistic round; :mod:`.shard_layout`), and on FSDP2's dim-0 DTensor shards likewise (a param group's local
+shards concatenated, ``_base``); under DeepSpeed's BF16 optimizer it still refuses, naming it.
 """
 
 from __future__ import annotations

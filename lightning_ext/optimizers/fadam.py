@@ -44,10 +44,10 @@ Decisions that are ours, not the paper's:
   dtype, or in float32 for half-precision parameters.
 
 Under DeepSpeed ZeRO the per-tensor RMS would become an RMS over a flat mix of tensors:
-under ZeRO-1/2
+under ZeRO-1/2/3
 ``step`` computes the statistics exactly on the partitions (``*_shard_*`` functions below, one all-reduce
-per statistic round; :mod:`.shard_layout`); under ZeRO-3 and DeepSpeed's BF16 optimizer it still refuses,
-naming the stage.
+per statistic round; :mod:`.shard_layout`), and on FSDP2's dim-0 DTensor shards likewise (a param group's local
+shards concatenated, ``_base``); under DeepSpeed's BF16 optimizer it still refuses, naming it.
 """
 
 from __future__ import annotations

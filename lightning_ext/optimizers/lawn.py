@@ -35,12 +35,13 @@ momentum, saves no radius; a resume then re-reads it from the weights, equal up 
 optimizers such as LBFGS are not supported.
 
 Under DeepSpeed ZeRO the module's weights are not the fp32 master copy that the optimizer
-updates, so re-scaling them would be overwritten. At ZeRO-1/2 the step therefore works on the fp32
+updates, so re-scaling them would be overwritten. At ZeRO-1/2/3 the step therefore works on the fp32
 partitions themselves: norms, radii and the gradient projection from per-row / per-tensor partial sums
-(:mod:`.shard_layout`, one all-reduce per round), the rescale applied to the partition. Elsewhere (ZeRO-3,
-another flattening wrapper) the step refuses when the constrained tensors are no longer in the param groups
-(the callback refuses ZeRO-3 earlier, at setup). Under DeepSpeed the radii are not in the checkpoint yet: a
-resumed run re-reads them from the weights at its first constrained step.
+(:mod:`.shard_layout`, one all-reduce per round), the rescale applied to the partition. Under FSDP2 the
+constrained tensors are DTensors and the plain step runs on them (DTensor reductions are exact). Elsewhere
+(another flattening wrapper) the step refuses when the constrained tensors are no longer in the param groups.
+Under DeepSpeed the radii are not in the checkpoint yet: a resumed run re-reads them from the weights at its
+first constrained step.
 """
 
 from __future__ import annotations
