@@ -39,10 +39,13 @@ MANIFEST_KEY = "lightning_ext"
 
 
 def load_checkpoint_dict(ckpt_path: str | Path) -> dict[str, Any]:
-    """The Lightning checkpoint dict (memory-mapped); for a DeepSpeed checkpoint directory, the client state
-    that lives beside the shards (``{}`` if there is none)."""
+    """The Lightning checkpoint dict (memory-mapped); for a sharded checkpoint directory, the client state
+    that lives beside the shards — ``meta.pt`` of a distributed (FSDP2 / ModelParallel) checkpoint, the
+    ``*model_states.pt`` of a DeepSpeed one (``{}`` if there is none)."""
     path = Path(ckpt_path)
-    if path.is_dir():
+    if path.is_dir() and (path / "meta.pt").is_file():
+        path = path / "meta.pt"
+    elif path.is_dir():
         candidates = sorted(path.rglob("*model_states.pt"))
         if not candidates:
             return {}

@@ -24,3 +24,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def launches(tmp_path_factory):
+    """The session's 2-process launches of registry entries (``harness.Launches``): each runs once."""
+    from harness import Launches
+
+    return Launches(tmp_path_factory.mktemp("launches"))

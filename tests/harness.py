@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,8 @@ def resume_differences(entry: Entry, root: Path) -> list[str]:
 
 
 class DumpRankState(pl.Callback):
-    """At the end of training, every rank writes its weights and technique state to ``out/rank<r>.pt``.
+    """At the end of training, every rank writes its weights, technique state, optimizer state (its own shard of
+it under ZeRO and FSDP), global step and data position to ``out/rank<r>.pt``.
 
     Under DeepSpeed the weights are gathered to full fp32 tensors first (a collective: every
     rank takes part), so ranks can be compared whatever the ZeRO stage; a frozen ZeRO-3 parameter (no fp32
@@ -136,9 +138,48 @@ class DumpRankState(pl.Callback):
             else:
                 params[name] = p.detach().clone()
         state = {"params": params, "callbacks": clone(technique_callbacks(trainer)),
-                 "global_step": trainer.global_step, "world_size": trainer.world_size}
+                 "global_step": trainer.global_step, "world_size": trainer.world_size,
+                 "optimizer": _optimizer_state(trainer),
+                 "datamodule": trainer.datamodule.state_dict() if trainer.datamodule is not None else {}}
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def _optimizer_state(trainer: pl.Trainer) -> dict[str, Any]:
+    """This rank's optimizer state. Under DeepSpeed: the fp32 master partitions, the client optimizer's state of
+    each and its param-group settings (its ``state_dict()`` cannot be called there: ZeRO-3 swaps one sub-group
+    at a time into its param groups); elsewhere the optimizer's ``state_dict()`` (DTensors as local shards)."""
+    optimizer = trainer.optimizers[0]
+    if not type(optimizer).__module__.startswith("deepspeed"):
+        return _local(optimizer.state_dict())
+    from lightning_ext.optimizers.shard_layout import ShardLayout
+
+    client = optimizer.optimizer
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        flats, held = optimizer.single_partition_of_fp32_groups, [None] * len(optimizer.bit16_groups)
+    else:  # ZeRO-3: the padding at the end of each parameter's partition is left uninitialised: not compared
+        flats = optimizer.fp32_partitioned_groups_flat
+        held = [ShardLayout.from_deepspeed_zero3(optimizer, i).segments for i in range(len(flats))]
+
+    def real(t: Any, segments) -> Any:
+        if segments is None or not isinstance(t, torch.Tensor) or t.dim() != 1:
+            return clone(t)
+        return torch.cat([t[s.start:s.start + s.length] for s in segments]) if segments else t[:0].clone()
+
+    return {"fp32": [real(f, h) for f, h in zip(flats, held)],
+            "state": [{k: real(v, h) for k, v in client.state.get(f, {}).items()} for f, h in zip(flats, held)],
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in client.param_groups]}
+
+
+def _local(obj: Any) -> Any:
+    """A copy with every DTensor replaced by its local shard (this rank's part, as the rank holds it)."""
+    if hasattr(obj, "to_local"):
+        return obj.to_local().detach().clone()
+    if isinstance(obj, Mapping):
+        return {k: _local(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_local(v) for v in obj)
+    return clone(obj)
 
 
 def ddp_rank_states(entry: Entry, root: Path, **kwargs: Any) -> list[dict[str, Any]]:
@@ -177,32 +218,64 @@ def initial_parameters(entry: Entry, root: Path, **kwargs: Any) -> dict[str, tor
     return {n: p.detach().clone() for n, p in trainer.lightning_module.named_parameters()}
 
 
-SCRIPT = Path(__file__).parent / "scripts" / "run_entry.py"
+SCRIPT = Path(__file__).parent / "scripts" / "run_entries.py"
 
 
-def run_entry(entry: Entry, out: Path, strategy: str, *extra: str):
-    """Train ``entry`` on 2 processes of ``strategy`` through ``scripts/run_entry.py`` (strategies whose launcher
-    re-runs the script: DeepSpeed, FSDP2); each rank's state lands in ``out``."""
-    import subprocess
-    import sys
+@dataclass
+class Launch:
+    """One launch of ``scripts/run_entries.py``: 2 processes of one strategy training several entries."""
 
-    return subprocess.run([sys.executable, str(SCRIPT), entry.name, str(out), "--strategy", strategy, "--devices",
-                           "2", *extra], cwd=out.parent, capture_output=True, text=True, timeout=480)
+    out: Path
+    mode: str
+    returncode: int
+    log: str
+
+    def errors(self, entry: Entry) -> list[str]:
+        folder = self.out / entry.name / f"{self.mode}-errors"
+        return [e.read_text() for e in sorted(folder.glob("error*.txt"))] if folder.exists() else []
+
+    def states(self, entry: Entry) -> list[dict[str, Any]]:
+        """Each rank's end state of ``entry`` (straight or resumed), after checking that it ran."""
+        errors = self.errors(entry)
+        folder = self.out / entry.name / ("resumed" if self.mode == "resume" else "straight")
+        assert not errors and folder.exists(), f"{entry.name}: rc={self.returncode}\n" + "".join(errors) + \
+            self.log[-3000:]
+        return rank_states(folder, 2)
 
 
-def errors_of(out: Path) -> list[str]:
-    return [e.read_text() for e in sorted(Path(out).glob("error*.txt"))] if Path(out).exists() else []
+class Launches:
+    """Runs each (strategy, mode, entries, extra) launch once per test session and hands out the result: one
+    launch trains every entry (the process start, imports and process group paid once, not per entry).
+    ``stop`` and ``resume`` of a strategy share their folder (the resume reads the stop's checkpoints)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.done = Path(root), {}
+
+    def get(self, strategy: str, mode: str = "straight", entries: Sequence[Entry] | None = None,
+            *extra: str) -> Launch:
+        import subprocess
+        import sys
+
+        names = ",".join(e.name for e in entries) if entries is not None else ""
+        key = (strategy, mode, names, extra)
+        if key not in self.done:
+            # one folder per (strategy, extra, entries): a resume finds the checkpoints its stop wrote there
+            out = self.root / "-".join([strategy, *(x.strip("-") for x in extra)]) / (names or "all")
+            out.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--strategy", strategy, "--mode", mode,
+                                   *(["--entries", names] if names else []), *extra], cwd=out, capture_output=True,
+                                  text=True, timeout=1500)
+            self.done[key] = Launch(out, mode, proc.returncode, proc.stdout[-3000:] + proc.stderr[-6000:])
+        return self.done[key]
 
 
-def sharded_difference(entry: Entry, out: Path, proc, root: Path) -> float:
-    """Check a 2-process sharded run of ``entry`` (``run_entry``): it ended cleanly, the ranks agree bit for bit,
-    the weights are finite and moved; returns max |its full weights - the reference| (``entry.sharded_reference``:
-    one process on the global batch, or 2 DDP processes)."""
-    errors = errors_of(out)
-    assert proc.returncode == 0 and not errors, proc.stdout[-3000:] + proc.stderr[-3000:] + "".join(errors)
-    r0, r1 = rank_states(out, 2)
+def sharded_difference(entry: Entry, launch: Launch, root: Path) -> float:
+    """Check ``entry`` in a 2-process sharded launch: it ended cleanly, the ranks agree bit for bit, the weights
+    are finite and moved; returns max |its full weights - the reference| (``entry.sharded_reference``: one
+    process on the global batch, or 2 DDP processes)."""
+    r0, r1 = launch.states(entry)
     assert r0["world_size"] == 2 and r0["global_step"] == entry.steps
-    assert differences(r0, r1) == []
+    assert differences(r0["params"], r1["params"]) == [] and differences(r0["callbacks"], r1["callbacks"]) == []
     assert all(torch.isfinite(p).all() for p in r0["params"].values())
     initial = initial_parameters(entry, root / "initial")  # after setup, before any step
     common = [n for n in initial if n in r0["params"]]
@@ -214,12 +287,23 @@ def sharded_difference(entry: Entry, out: Path, proc, root: Path) -> float:
     return worst_difference(r0["params"], reference)
 
 
-def refusal_of(out: Path, proc, expected: str) -> str:
-    """The first line of the refusal a sharded run wrote (asserted to match ``expected``)."""
+def refusal_of(launch: Launch, entry: Entry, expected: str) -> str:
+    """The first line of the refusal ``entry`` met in a sharded launch (asserted to match ``expected``)."""
     import re
 
-    errors = errors_of(out)
-    assert errors, f"expected a refusal matching {expected!r}; run ended with rc={proc.returncode}"
+    errors = launch.errors(entry)
+    assert errors, f"{entry.name}: expected a refusal matching {expected!r}; launch rc={launch.returncode}"
     message = errors[0].splitlines()[0]
     assert re.search(expected, message), message
     return message
+
+
+def resume_difference(entry: Entry, launches: Launches, strategy: str, trained: Sequence[Entry]) -> list[str]:
+    """Where ``entry``'s end state after a SIGKILL right after the step-``resume_at`` checkpoint and a resume
+    differs from the uninterrupted run, rank by rank (weights, this rank's optimizer state, technique state,
+    global step, data position). ``trained``: the entries the strategy's stop/resume launches run."""
+    straight = launches.get(strategy).states(entry)
+    stop = launches.get(strategy, "stop", trained)
+    assert stop.returncode == -9, f"the stop launch was to end by SIGKILL, rc={stop.returncode}\n{stop.log}"
+    resumed = launches.get(strategy, "resume", trained).states(entry)
+    return [f"rank {r}: {d}" for r, (a, b) in enumerate(zip(straight, resumed)) for d in differences(a, b)]

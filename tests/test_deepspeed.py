@@ -1,7 +1,11 @@
 """DeepSpeed ZeRO 1/2/3 on CPU (2 processes, gloo): each technique trains and computes what one process computes
 on the global batch (the full fp32 weights, gathered, within ``test_ranks.TOLERANCE`` of the one-process
 run; QuEST, whose fp32 rounding flips part any two reduction orders, against the fp32 DDP run), or
-is refused at setup with a message naming the stage — never a silent wrong result."""
+is refused at setup with a message naming the stage — never a silent wrong result. Under ZeRO-2 and ZeRO-3 a
+run killed with SIGKILL right after a checkpoint resumes bit-identical to the run that never stopped.
+
+One launch of 2 processes per stage trains every entry (``harness.Launches``; the stop and resume launches
+likewise), instead of one launch per entry and stage."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import sys
 
 import pytest
 
-from harness import (differences, one_process_parameters, rank_states, refusal_of, run_entry, sharded_difference,
+from harness import (differences, one_process_parameters, refusal_of, resume_difference, sharded_difference,
                      worst_difference)
 from registry import BY_NAME, REGISTRY
 from test_ranks import TOLERANCE
@@ -25,29 +29,44 @@ CASES = [(e, stage) for e in REGISTRY for stage in (1, 2, 3)]
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("entry, stage", CASES, ids=[f"{e.name}-zero{s}" for e, s in CASES])
-def test_deepspeed_cpu(entry, stage, tmp_path):
-    out = tmp_path / "out"
+def test_deepspeed_cpu(entry, stage, tmp_path, launches):
     # the first DeepSpeed use on a machine JIT-compiles a communication extension (~35 s-2 min)
-    proc = run_entry(entry, out, f"deepspeed_cpu_stage_{stage}")
+    launch = launches.get(f"deepspeed_cpu_stage_{stage}")
     expected = entry.deepspeed[stage]
     if expected == "train":
-        worst = sharded_difference(entry, out, proc, tmp_path)
+        worst = sharded_difference(entry, launch, tmp_path)
         assert worst < TOLERANCE, f"max |ZeRO-{stage} - {entry.sharded_reference}| {worst:.3e}"
     else:
-        assert f"stage {stage}" in refusal_of(out, proc, expected).lower()
+        assert f"stage {stage}" in refusal_of(launch, entry, expected).lower()
+
+
+def _trained(stage: int) -> list:
+    return [e for e in REGISTRY if e.deepspeed[stage] == "train"]
+
+
+RESUMED = [(e, stage) for stage in (2, 3) for e in _trained(stage)]
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_shard_local_optimizer_fails_the_one_process_comparison(tmp_path):
+@pytest.mark.parametrize("entry, stage", RESUMED, ids=[f"{e.name}-zero{s}" for e, s in RESUMED])
+def test_zero_resume_after_sigkill_is_exact(entry, stage, launches):
+    """Killed with SIGKILL right after the step-``resume_at`` checkpoint (DeepSpeed's checkpoint folder, one
+    partition file per rank), resumed on 2 processes: each rank ends bit-identical to the run that never stopped —
+    weights, its fp32 master partition and optimizer state (ZeRO-3: the parameters' padding excepted, which
+    DeepSpeed leaves uninitialised), technique state, global step and data position."""
+    strategy = f"deepspeed_cpu_stage_{stage}"
+    assert resume_difference(entry, launches, strategy, _trained(stage)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_shard_local_optimizer_fails_the_one_process_comparison(tmp_path, launches):
     """Negative control of the cells above: AdamP under ZeRO-2 with its per-row statistics left shard-local
     (no all-reduce) still trains with agreeing ranks — and misses the one-process run by far more than
     TOLERANCE."""
     entry = BY_NAME["adamp"]
-    out = tmp_path / "out"
-    proc = run_entry(entry, out, "deepspeed_cpu_stage_2", "--shard-local")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = rank_states(out, 2)
+    r0, r1 = launches.get("deepspeed_cpu_stage_2", "straight", [entry], "--shard-local").states(entry)
     assert differences(r0["params"], r1["params"]) == []
     one = one_process_parameters(entry, tmp_path / "one", 2)
     assert worst_difference(r0["params"], one) > 100 * TOLERANCE

@@ -14,35 +14,43 @@ import json
 
 import pytest
 
-from harness import differences, one_process_parameters, rank_states, refusal_of, run_entry, sharded_difference
-from harness import worst_difference
+from harness import differences, one_process_parameters, resume_difference, sharded_difference, worst_difference
+from harness import refusal_of
 from registry import BY_NAME, REGISTRY
 from test_ranks import TOLERANCE
+
+TRAINED = [e for e in REGISTRY if e.fsdp == "train"]
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
-def test_fsdp_cpu(entry, tmp_path):
-    out = tmp_path / "out"
-    proc = run_entry(entry, out, "fsdp_cpu")
+def test_fsdp_cpu(entry, tmp_path, launches):
+    launch = launches.get("fsdp_cpu")
     if entry.fsdp == "train":
-        worst = sharded_difference(entry, out, proc, tmp_path)
+        worst = sharded_difference(entry, launch, tmp_path)
         assert worst < TOLERANCE, f"max |FSDP2 - {entry.sharded_reference}| {worst:.3e}"
     else:
-        assert "FSDP" in refusal_of(out, proc, entry.fsdp)
+        assert "FSDP" in refusal_of(launch, entry, entry.fsdp)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_shard_local_optimizer_fails_under_fsdp(tmp_path):
+@pytest.mark.parametrize("entry", TRAINED, ids=lambda e: e.name)
+def test_fsdp_resume_after_sigkill_is_exact(entry, launches):
+    """Killed with SIGKILL right after the step-``resume_at`` checkpoint (a distributed checkpoint: one shard per
+    rank), resumed on 2 processes: each rank ends bit-identical to the run that never stopped — weights, its
+    shard of the optimizer state, technique state, global step and data position."""
+    assert resume_difference(entry, launches, "fsdp_cpu", TRAINED) == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_shard_local_optimizer_fails_under_fsdp(tmp_path, launches):
     """Negative control: AdamP with its per-row statistics summed over each rank's own rows only (the all-reduce
     removed) trains with agreeing ranks — and misses one process by far more than TOLERANCE (measured 1.1e-2)."""
     entry = BY_NAME["adamp"]
-    out = tmp_path / "out"
-    proc = run_entry(entry, out, "fsdp_cpu", "--shard-local")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = rank_states(out, 2)
+    r0, r1 = launches.get("fsdp_cpu", "straight", [entry], "--shard-local").states(entry)
     assert differences(r0["params"], r1["params"]) == []
     assert worst_difference(r0["params"], one_process_parameters(entry, tmp_path / "one", 2)) > 100 * TOLERANCE
 
@@ -50,15 +58,15 @@ def test_a_shard_local_optimizer_fails_under_fsdp(tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name, rounds", [("adamp", 1), ("fadam", 2)])
-def test_statistics_travel_in_one_all_reduce_per_round(tmp_path, name, rounds):
+def test_statistics_travel_in_one_all_reduce_per_round(launches, name, rounds):
     """Under FSDP2 the per-tensor optimizers reduce the statistics of all their tensors (here 6: three Linear
     weights and biases, and a LayerNorm's two) in one all-reduce per statistic round and step — not one per
     tensor, and not DTensor's implicit collectives per operation."""
+    entries = [BY_NAME["adamp"], BY_NAME["fadam"]]
+    launch = launches.get("fsdp_cpu", "straight", entries, "--count-collectives")
     entry = BY_NAME[name]
-    out = tmp_path / "out"
-    proc = run_entry(entry, out, "fsdp_cpu", "--count-collectives")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    counts = [json.loads((out / f"collectives{r}.json").read_text()) for r in range(2)]
+    launch.states(entry)  # it ran
+    counts = [json.loads((launch.out / name / f"collectives{r}.json").read_text()) for r in range(2)]
     assert counts[0] == counts[1]
     assert len(counts[0]) == rounds * entry.steps, len(counts[0])
 

@@ -261,7 +261,9 @@ class LAWN(WrapperOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._set_steps(int(self.param_groups[0].get("lawn_step", 0)))
-        if self.in_free_phase:
+        if self.in_free_phase or self._on_partitions():
+            # DeepSpeed: the constrained tensors are the module's (partitioned under ZeRO-3) parameters, not the
+            # optimizer's; the radii are re-read from the fp32 partitions at the first constrained step
             self._radii = None
         else:
             self._radii = [self.state[p]["lawn_radius"] if "lawn_radius" in self.state[p]

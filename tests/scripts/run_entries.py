@@ -1,0 +1,111 @@
+"""Train several registry entries, one after another, in one launch of 2 processes (DeepSpeed, FSDP2).
+
+    python tests/scripts/run_entries.py OUT --strategy fsdp_cpu --mode straight [--entries adamp,lawn]
+
+One launch per strategy and mode instead of one per entry: the launcher starts the processes and the process
+group once, and each entry's ``fit`` reuses them (Lightning does not relaunch once ``LOCAL_RANK`` is set). Each
+entry writes under ``OUT/<entry>/``:
+
+* ``--mode straight``: ``entry.steps`` steps; every rank's end state in ``straight/rank<r>.pt``;
+* ``--mode stop``: ``entry.resume_at`` steps with a checkpoint there (``ckpt/stop.ckpt``). The launch is killed
+  with SIGKILL right after the last entry's checkpoint is written (every rank, after a barrier: the checkpoint
+  is complete when the save returns, nothing after it — the rest of the step, teardown — contributes);
+* ``--mode resume``: from ``ckpt/stop.ckpt`` to ``entry.steps``; end state in ``resumed/rank<r>.pt``.
+
+A refusal at setup is written to ``OUT/<entry>/<mode>-errors/error<r>.txt`` and the next entry runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from script_exit import exit_now, write_error  # noqa: E402  (the scripts folder is on sys.path)
+
+
+def _strategy(name: str):
+    if name.startswith("deepspeed_cpu_stage_"):  # every parameter partitioned under ZeRO-3, however small
+        from lightning_ext.strategies import DeepSpeedCPUStrategy
+
+        return DeepSpeedCPUStrategy(stage=int(name.rsplit("_", 1)[1]), param_persistence_threshold=0)
+    return name
+
+
+def _killing_checkpoint(dirpath: Path, every: int, kill: bool):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class KillAfterCheckpoint(ModelCheckpoint):
+        """Saves like ModelCheckpoint; with ``kill``, every rank SIGKILLs itself right after the save."""
+
+        def on_train_batch_end(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+            super().on_train_batch_end(trainer, *args, **kwargs)
+            if kill and trainer.global_step == every:
+                trainer.strategy.barrier()  # every rank has returned from the (collective) save
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KillAfterCheckpoint(dirpath=dirpath, filename="stop", every_n_train_steps=every, save_top_k=-1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--strategy", required=True)
+    parser.add_argument("--mode", choices=["straight", "stop", "resume"], default="straight")
+    parser.add_argument("--entries", default="", help="comma-separated names (default: every registry entry)")
+    parser.add_argument("--shard-local", action="store_true",
+                        help="negative control: the sharded optimizers' statistics without their all-reduce")
+    parser.add_argument("--count-collectives", action="store_true",
+                        help="write OUT/<entry>/collectives<rank>.json: the statistic all-reduces of the run")
+    args = parser.parse_args()
+    from lightning_ext.optimizers import _sharding
+
+    calls: list[int] = []
+    if args.shard_local:
+        _sharding.all_reduce = lambda tensor, group: None
+    elif args.count_collectives:
+        reduce = _sharding.all_reduce
+        _sharding.all_reduce = lambda tensor, group: (calls.append(tensor.numel()), reduce(tensor, group))
+
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    import lightning_ext.strategies  # noqa: F401  (registers deepspeed_cpu*, fsdp_cpu)
+    from harness import DumpRankState, fit
+    from registry import BY_NAME, REGISTRY
+
+    entries = [BY_NAME[n] for n in args.entries.split(",")] if args.entries else REGISTRY
+    quiet = dict(val_check_interval=None, limit_val_batches=0, devices=2)
+    rank = os.environ.get("LOCAL_RANK", "0")
+    for i, entry in enumerate(entries):
+        out = args.out / entry.name
+        calls.clear()
+        try:
+            if args.mode == "straight":
+                fit(entry, out, entry.steps, callbacks=[DumpRankState(out / "straight")],
+                    strategy=_strategy(args.strategy), **quiet)
+            elif args.mode == "stop":
+                last = i == len(entries) - 1
+                saver = _killing_checkpoint(out / "ckpt", entry.resume_at, kill=last)
+                fit(entry, out, entry.steps if last else entry.resume_at, callbacks=[saver],
+                    enable_checkpointing=True, strategy=_strategy(args.strategy), **quiet)
+            else:
+                fit(entry, out, entry.steps, ckpt_path=str(out / "ckpt" / "stop.ckpt"),
+                    callbacks=[DumpRankState(out / "resumed")], strategy=_strategy(args.strategy), **quiet)
+        except Exception as err:  # noqa: BLE001 - the test reads the refusal message
+            write_error(out / f"{args.mode}-errors", err)
+            continue
+        if args.count_collectives:
+            (out / f"collectives{rank}.json").write_text(json.dumps(calls))
+    return 0
+
+
+if __name__ == "__main__":
+    exit_now(main())
