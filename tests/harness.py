@@ -140,9 +140,18 @@ it under ZeRO and FSDP), global step and data position to ``out/rank<r>.pt``.
         state = {"params": params, "callbacks": clone(technique_callbacks(trainer)),
                  "global_step": trainer.global_step, "world_size": trainer.world_size,
                  "optimizer": _optimizer_state(trainer),
+                 "loss": _last_loss(trainer),
                  "datamodule": trainer.datamodule.state_dict() if trainer.datamodule is not None else {}}
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def _last_loss(trainer: pl.Trainer) -> float | None:
+    """The last logged training loss (``train/loss`` or ``train_loss``), if the module logs one."""
+    for key in ("train/loss", "train_loss", "loss"):
+        if key in trainer.callback_metrics:
+            return float(trainer.callback_metrics[key])
+    return None
 
 
 def _optimizer_state(trainer: pl.Trainer) -> dict[str, Any]:

@@ -66,6 +66,7 @@ def main() -> int:
                         help="negative control: the sharded optimizers' statistics without their all-reduce")
     parser.add_argument("--count-collectives", action="store_true",
                         help="write OUT/<entry>/collectives<rank>.json: the statistic all-reduces of the run")
+    parser.add_argument("--precision", default="32-true")
     args = parser.parse_args()
     from lightning_ext.optimizers import _sharding
 
@@ -82,7 +83,7 @@ def main() -> int:
     from registry import BY_NAME, REGISTRY
 
     entries = [BY_NAME[n] for n in args.entries.split(",")] if args.entries else REGISTRY
-    quiet = dict(val_check_interval=None, limit_val_batches=0, devices=2)
+    quiet = dict(val_check_interval=None, limit_val_batches=0, devices=2, precision=args.precision)
     rank = os.environ.get("LOCAL_RANK", "0")
     for i, entry in enumerate(entries):
         out = args.out / entry.name
