@@ -100,8 +100,6 @@ REGISTRY: list[Entry] = [
     Entry(name="cram", data=_digits, config="configs/cram.yaml",
           model=lambda: MLPWith("torch.optim.SGD", lr=0.05, momentum=0.9, weight_decay=5e-4),
           callbacks=lambda: [CrAM(rho=0.05, sparsities=[0.5, 0.7, 0.9])],
-          accumulation=r"CrAM with accumulate_grad_batches=2 is not supported",
-          fsdp=r"CrAM with FSDP is not supported",
           deepspeed={s: r"CrAM with DeepSpeed \(ZeRO stage" for s in (1, 2, 3)}),
     # warm-up ends at step 20: the resume test stops (13) inside it and the run crosses into reweighting
     Entry(name="reweighting", data=_digits, config="configs/reweighting.yaml",

@@ -46,23 +46,27 @@ def test_fsdp_resume_after_sigkill_is_exact(entry, launches):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_shard_local_optimizer_fails_under_fsdp(tmp_path, launches):
-    """Negative control: AdamP with its per-row statistics summed over each rank's own rows only (the all-reduce
-    removed) trains with agreeing ranks — and misses one process by far more than TOLERANCE (measured 1.1e-2)."""
-    entry = BY_NAME["adamp"]
-    r0, r1 = launches.get("fsdp_cpu", "straight", [entry], "--shard-local").states(entry)
+@pytest.mark.parametrize("name", ["adamp", "cram"])
+def test_a_shard_local_optimizer_fails_under_fsdp(tmp_path, launches, name):
+    """Negative controls: AdamP with its per-row statistics summed over each rank's own rows only (the all-reduce
+    removed; measured 1.1e-2 from one process), and CrAM with a top-k per shard instead of over all ranks, train
+    with agreeing ranks — and miss one process by far more than TOLERANCE."""
+    entries = [BY_NAME["adamp"], BY_NAME["cram"]]
+    entry = BY_NAME[name]
+    r0, r1 = launches.get("fsdp_cpu", "straight", entries, "--shard-local").states(entry)
     assert differences(r0["params"], r1["params"]) == []
     assert worst_difference(r0["params"], one_process_parameters(entry, tmp_path / "one", 2)) > 100 * TOLERANCE
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("name, rounds", [("adamp", 1), ("fadam", 2)])
+@pytest.mark.parametrize("name, rounds", [("adamp", 1), ("fadam", 2), ("cram", 4)])
 def test_statistics_travel_in_one_all_reduce_per_round(launches, name, rounds):
     """Under FSDP2 the per-tensor optimizers reduce the statistics of all their tensors (here 6: three Linear
     weights and biases, and a LayerNorm's two) in one all-reduce per statistic round and step — not one per
-    tensor, and not DTensor's implicit collectives per operation."""
-    entries = [BY_NAME["adamp"], BY_NAME["fadam"]]
+    tensor, and not DTensor's implicit collectives per operation. CrAM's global top-k over both weight matrices
+    takes one histogram all-reduce per byte of fp32 (4 rounds of its radix select) per step."""
+    entries = [BY_NAME["adamp"], BY_NAME["fadam"], BY_NAME["cram"]]
     launch = launches.get("fsdp_cpu", "straight", entries, "--count-collectives")
     entry = BY_NAME[name]
     launch.states(entry)  # it ran

@@ -5,32 +5,52 @@ for the algorithm and where it differs from the reference). The prunable tensors
 trainable tensors with ``ndim > 1`` (or those of the modules named in ``layers``); every
 BatchNorm of the module is protected during the second pass.
 
-CrAM evaluates the loss twice per step through the optimizer closure, which Lightning provides
-only with automatic optimization under ``32-true``/``64-true``/``bf16-mixed`` precision and
-without gradient accumulation. The other combinations are refused in ``setup``, naming both
-parts: ``16-mixed`` (GradScaler calls the closure itself), ``bf16-true`` (perturb/restore need
-fp32 weights), ``accumulate_grad_batches > 1`` (pass 2 would see only the last micro-batch),
-manual optimization, DeepSpeed (the engine steps the optimizer without a closure) and FSDP (shards).
+The callback runs CrAM's two passes itself instead of through the optimizer closure, which Lightning
+passes only with ``32-true``/``bf16-mixed`` and no accumulation (16-mixed's GradScaler and DeepSpeed call
+the closure once and step without it):
+
+* pass 1 is Lightning's own forward/backward of every micro-batch of the step (the strategy reduces the
+  gradients; ``training_step``'s arguments are recorded as they go by);
+* in ``on_before_optimizer_step`` (every precision plugin calls it after the last micro-batch's backward
+  and, under 16-mixed, after unscaling) the optimizer moves to ``C(θ + ρ g)``, and the recorded micro-batches
+  are replayed through the strategy — ``trainer.strategy.training_step`` and ``trainer.strategy.backward``,
+  the loss divided by ``accumulate_grad_batches`` as Lightning does, gradient sync blocked on all but the
+  last micro-batch — so pass 2's gradient is reduced, scaled and accumulated exactly as pass 1's was;
+* under 16-mixed, pass 2's gradients are unscaled with the same GradScaler and a non-finite value makes
+  the scaler skip the step, as it would for pass 1;
+* the optimizer restores ``θ`` and the step proceeds as Lightning would take it.
+
+So CrAM works with ``accumulate_grad_batches > 1`` (all micro-batches of pass 1, then all of pass 2),
+``16-mixed``, ``bf16-mixed``, DDP and FSDP2 (``fsdp_cpu``: masks on the local dim-0 shards equal to the
+unsharded masks, :mod:`lightning_ext.nn.sharded_masks`). Refused at setup, naming both parts: DeepSpeed
+(its engine keeps the reduced gradients in its own partitioned buffers; not yet supported), ``bf16-true``
+and ``16-true`` (half-precision weights), and manual optimization (no optimizer step of Lightning's to
+hook into). Other callbacks' ``training_step`` wrappers run in both passes, as they do with the closure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_ext._checks import check_names
 from lightning_ext.callbacks.base import Technique
 from lightning_ext.callbacks.optimizer_diagnostics import log_diagnostics
 from lightning_ext.callbacks.optimizer_injection import inject_wrapper
-from lightning_ext.nn.pruning import batchnorm_modules
+from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
+from lightning_ext.nn.pruning import batchnorm_modules, frozen_batchnorm_stats
 from lightning_ext.optimizers.cram import CRAM_DEFAULTS as _D
 from lightning_ext.optimizers.cram import CrAM as CrAMOptimizer
 from lightning_ext.optimizers.cram import CrAMHyperparameters
 from lightning_ext.strategies.probe import strategy_info
 from lightning_ext.surgery import select_modules
 
-SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "32", "64")
+SUPPORTED_PRECISION = ("32-true", "64-true", "bf16-mixed", "16-mixed", "32", "64")
 
 
 class CrAM(Technique):
@@ -68,21 +88,20 @@ class CrAM(Technique):
     def _refuse_unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = strategy_info(trainer).zero_stage
         if stage is not None:
-            raise RuntimeError(f"CrAM with DeepSpeed (ZeRO stage {stage}) is not supported: the engine steps the "
-                               "optimizer without a closure, and CrAM needs two passes per step. Use DDP.")
-        if strategy_info(trainer).is_fsdp:
-            raise RuntimeError("CrAM with FSDP is not supported: its perturbation and top-k masks act on whole "
-                               "tensors, and FSDP hands the optimizer per-rank shards. Use DDP.")
+            raise RuntimeError(f"CrAM with DeepSpeed (ZeRO stage {stage}) is not supported yet: the engine keeps the "
+                               "reduced gradients in its own partitioned buffers, which CrAM's second pass would "
+                               "have to re-fill. Use DDP or fsdp_cpu (FSDP2).")
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise RuntimeError("CrAM with FSDP1 (FSDPStrategy) is not supported: it hands the optimizer flat "
+                               "parameters, whose rows and N:M groups are lost. Use fsdp_cpu or "
+                               "ModelParallelStrategy (FSDP2, dim-0 shards).")
         precision = str(trainer.precision)
         if precision not in SUPPORTED_PRECISION:
-            raise RuntimeError(f"CrAM with precision={precision!r} is not supported: it needs Lightning's closure "
-                               "path and fp32 weights to perturb and restore; use '32-true' or 'bf16-mixed'.")
-        if trainer.accumulate_grad_batches != 1:
-            raise RuntimeError(f"CrAM with accumulate_grad_batches={trainer.accumulate_grad_batches} is not "
-                               "supported: its second pass would see only the last micro-batch. Use 1.")
+            raise RuntimeError(f"CrAM with precision={precision!r} is not supported: it perturbs and restores the "
+                               "weights and needs them in fp32; use '32-true', 'bf16-mixed' or '16-mixed'.")
         if not pl_module.automatic_optimization:
-            raise RuntimeError("CrAM with manual optimization is not supported: it needs the closure that "
-                               "automatic optimization passes to optimizer.step().")
+            raise RuntimeError("CrAM with manual optimization is not supported: it runs its second pass in "
+                               "on_before_optimizer_step of Lightning's automatic optimization.")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -96,13 +115,108 @@ class CrAM(Technique):
                 return [m.weight for _, m in layers]
             return [p for p in pl_module.parameters() if p.requires_grad and p.dim() > 1]
 
-        batchnorm = batchnorm_modules(pl_module)
+        self._batchnorm = batchnorm_modules(pl_module)
+
+        def make(opt, mine):
+            wrapped = CrAMOptimizer(opt, prunable=mine, batchnorm=self._batchnorm, **self.kwargs)
+            wrapped.driven = True
+            return wrapped
 
         self.optimizers = []
-        inject_wrapper(pl_module, prunable,
-                       lambda opt, mine: CrAMOptimizer(opt, prunable=mine, batchnorm=batchnorm, **self.kwargs),
-                       lambda wrapped: self.optimizers.append(wrapped), self)
+        inject_wrapper(pl_module, prunable, make, lambda wrapped: self.optimizers.append(wrapped), self)
+        self._micro_batches: list[tuple[tuple, dict]] = []
+        self._replaying = False
+
+        def wrap(step):
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                if not self._replaying:
+                    self._micro_batches.append((args, kwargs))
+                return step(*args, **kwargs)
+            return training_step
+
+        self._wrapped = (pl_module, wrap_training_step(pl_module, wrap))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if getattr(self, "_wrapped", None) is not None:
+            unwrap_training_step(*self._wrapped)
+            self._wrapped = None
+        self._micro_batches = []
+
+    def _cram_of(self, optimizer: Any) -> CrAMOptimizer | None:
+        """The CrAM wrapper that ``optimizer`` is or wraps (another wrapper, e.g. LAWN, may be around it)."""
+        seen = optimizer
+        while seen is not None:
+            if any(seen is o for o in self.optimizers):
+                return seen
+            seen = getattr(seen, "base", None)
+        return None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        cram = self._cram_of(optimizer)
+        batches, self._micro_batches = self._micro_batches, []
+        if cram is None:
+            return
+        if not batches:
+            raise RuntimeError("CrAM: no training_step was recorded for this optimizer step")
+        cram.perturb()
+        try:
+            optimizer.zero_grad(set_to_none=True)
+            self._replay(trainer, optimizer, batches)
+            _unscale_second_pass(trainer, optimizer, cram)
+        finally:
+            cram.restore()
+
+    def _replay(self, trainer: pl.Trainer, optimizer: Any, batches: list[tuple[tuple, dict]]) -> None:
+        """Pass 2: the step's micro-batches again, through the strategy (its wrapped model, loss scaling and
+        gradient reduction), BatchNorm statistics frozen."""
+        strategy = trainer.strategy
+        self._replaying = True
+        try:
+            with frozen_batchnorm_stats(self._batchnorm):
+                for i, (args, kwargs) in enumerate(batches):
+                    last = i == len(batches) - 1
+                    block = getattr(strategy, "block_backward_sync", None)
+                    with contextlib.nullcontext() if last or block is None else block():
+                        with torch.enable_grad():
+                            loss = _loss_of(strategy.training_step(*args, **kwargs))
+                            if loss is not None:
+                                strategy.backward(loss / trainer.accumulate_grad_batches, optimizer)
+        finally:
+            self._replaying = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         log_diagnostics(pl_module, self.optimizers)
+
+
+def _loss_of(output: Any) -> torch.Tensor | None:
+    """The loss Lightning would backpropagate from a ``training_step`` output (a tensor, a dict's ``loss``, or
+    ``None`` to skip)."""
+    if isinstance(output, dict):
+        return output.get("loss")
+    return output
+
+
+def _unscale_second_pass(trainer: pl.Trainer, optimizer: Any, cram: CrAMOptimizer) -> None:
+    """Under 16-mixed, pass 2's backward ran on the GradScaler's scaled loss: divide its gradients by the scale
+    (the scaler's own kernel) and record a non-finite value with the scaler, which then skips the step as it
+    does when pass 1 overflows. The scaler keeps one ``found_inf`` per device per optimizer after
+    ``unscale_``; the value found here is added to it."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return
+    grads = [p.grad for g in cram.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return
+    found_inf = torch.zeros(1, device=grads[0].device)
+    inv_scale = scaler.get_scale() ** -1 if isinstance(scaler.get_scale(), float) else scaler.get_scale().reciprocal()
+    inv = torch.full((1,), float(inv_scale), device=grads[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
+    state = scaler._per_optimizer_states[id(optimizer)]  # noqa: SLF001 - see the docstring
+    found = state.get("found_inf_per_device")
+    if not found:
+        raise RuntimeError("CrAM under 16-mixed: the GradScaler did not unscale pass 1 before "
+                           "on_before_optimizer_step; cannot account for pass 2's overflow")
+    device = next(iter(found))
+    found[device] += found_inf.to(found[device].device).reshape(found[device].shape)

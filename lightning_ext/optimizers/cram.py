@@ -39,7 +39,9 @@ closure call); ``step`` returns pass 1's.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -49,7 +51,9 @@ from torch.optim import Optimizer
 
 from lightning_ext._checks import check_bool, check_choice, check_int, check_number
 from lightning_ext.nn.pruning import batchnorm_modules, frozen_batchnorm_stats, nm_mask, topk_masks
-from lightning_ext.optimizers._wrapper import WrapperOptimizer
+from lightning_ext.nn.sharded_masks import Collectives, sharded_nm_masks, sharded_topk_masks
+from lightning_ext.optimizers import _sharding
+from lightning_ext.optimizers._wrapper import WrapperOptimizer, evaluate_closure
 
 __all__ = ["CRAM_DEFAULTS", "CrAM", "CrAMHyperparameters"]
 
@@ -91,6 +95,27 @@ class CrAMHyperparameters:
         check_int("seed", self.seed, 0)
         object.__setattr__(self, "sparsities", tuple(float(v) for v in sparsities))
         object.__setattr__(self, "nm_patterns", patterns)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: in-place ops write the DTensor), else the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _called_by(function: str, depth: int = 4) -> bool:
+    """Whether one of the ``depth`` nearest callers of ``step`` is a function of that name."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _as_tuple(value: object, name: str) -> tuple:
@@ -148,13 +173,38 @@ class CrAM(WrapperOptimizer):
         self.last_sparsity: float | tuple[int, int] | None = None
         self._steps = 0
         self.set_group_counter("cram_step", 0)
+        #: set by lightning_ext.callbacks.CrAM, which runs pass 2 itself (perturb, replay, restore) before step()
+        self.driven = False
+        self._pending: tuple | None = None
+        self._second_pass_done = False
 
     def _draw(self) -> float | tuple[int, int]:
         rng = random.Random(self.seed * 1_000_003 + self._steps)  # identical on every rank
         return rng.choice(self.nm_patterns if self.compression == "nm" else self.sparsities)
 
+    def _collectives(self) -> Collectives | None:
+        """The process group the prunable tensors are sharded over (FSDP2's dim-0 DTensors), else ``None``:
+        unsharded or replicated (DDP) tensors need no collective, every rank computes the same masks."""
+        sharded = [p for p in self.prunable if _is_dtensor(p)]
+        if not sharded:
+            return None
+        if len(sharded) != len(self.prunable):
+            raise RuntimeError("CrAM: some prunable tensors are DTensors and some are not; shard all of them "
+                               "(fsdp_cpu shards every parameter-holding module by default)")
+        group = sharded[0].device_mesh.get_group()
+        plain = Collectives.of_group(group)  # the sums go through _sharding.all_reduce (counted in tests)
+        return dataclasses.replace(plain, all_reduce=lambda t: _sharding.all_reduce(t, group))
+
     def masks(self, level: float | tuple[int, int]) -> list[torch.Tensor | None]:
-        """Masks of the prunable tensors at a sparsity (top-k) or an (N, M) pattern."""
+        """Masks of the prunable tensors at a sparsity (top-k) or an (N, M) pattern; for FSDP2's DTensors, the
+        masks of this rank's local shards, equal to the slices of the unsharded masks
+        (:mod:`lightning_ext.nn.sharded_masks`)."""
+        comm = self._collectives()
+        if comm is not None:
+            local = [_local(p) for p in self.prunable]
+            if self.compression == "nm":
+                return sharded_nm_masks(local, [p.shape for p in self.prunable], *level, comm)
+            return sharded_topk_masks(local, [p.numel() for p in self.prunable], level, self.scope, comm)
         if self.compression == "nm":
             return [nm_mask(p, *level) for p in self.prunable]
         return list(topk_masks(self.prunable, level, self.scope))
@@ -168,40 +218,83 @@ class CrAM(WrapperOptimizer):
         return {"cram/sparsity": level} if isinstance(level, float) else {"cram/nm_n_over_m": level[0] / level[1]}
 
     @torch.no_grad()
-    def step(self, closure=None):
-        if closure is None:
-            raise RuntimeError(
-                "CrAM needs the closure: it evaluates the loss twice per step. Lightning passes one under "
-                "precision 32/bf16-mixed with automatic optimization; use lightning_ext.callbacks.CrAM, which "
-                "refuses the other combinations at setup.")
-        with torch.enable_grad():
-            loss = closure()  # pass 1
+    def perturb(self) -> None:
+        """First half of a step, with pass 1's gradients ``g`` in ``.grad``: keep ``θ`` (and ``g`` for CrAM+),
+        move the parameters to ``C_k(θ + ρ g)``. The caller then clears the gradients, runs pass 2 (BatchNorm
+        statistics frozen) and calls :meth:`restore`. Works on this rank's local shards of DTensors."""
+        if self._pending is not None:
+            raise RuntimeError("CrAM.perturb: the previous perturbation was not restored")
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        clean = [p.grad.clone() for p in params] if self.plus else None
-        backup = [p.detach().clone() for p in params]
+        local, grads = [_local(p) for p in params], [_local(p.grad) for p in params]
+        clean = [g.clone() for g in grads] if self.plus else None
+        backup = [t.clone() for t in local]
         if self.rho > 0:
-            grads = [p.grad for p in params]
             if self.grad_norm:
-                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-                torch._foreach_add_(params, torch._foreach_mul(grads, self.rho / (norm + 1e-12)))
+                squares = torch.stack([torch.linalg.vector_norm(g) ** 2 for g in grads]).sum() if grads \
+                    else torch.zeros(())
+                comm = self._collectives()
+                if comm is not None:
+                    comm.all_reduce(squares)
+                torch._foreach_add_(local, torch._foreach_mul(grads, self.rho / (squares.sqrt() + 1e-12)))
             else:
-                torch._foreach_add_(params, grads, alpha=self.rho)
+                torch._foreach_add_(local, grads, alpha=self.rho)
         level = self._draw()
         self.last_sparsity = level
         masks = self.masks(level)
         for p, mask in zip(self.prunable, masks):
             if mask is not None:
-                p.mul_(mask)
-        with torch.enable_grad(), frozen_batchnorm_stats(self.batchnorm):
-            closure()  # pass 2: the closure must zero the gradients before its backward, as Lightning's does
+                _local(p).mul_(mask)
+        self._pending = (params, backup, clean, masks)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Second half, with pass 2's gradients ``g~`` in ``.grad``: mask them (``sparse_grad``), put ``θ``
+        back (a copy into the same storage, never a subtraction) and add ``g`` (CrAM+)."""
+        if self._pending is None:
+            raise RuntimeError("CrAM.restore without CrAM.perturb")
+        params, backup, clean, masks = self._pending
+        self._pending = None
         if self.sparse_grad:
             for p, mask in zip(self.prunable, masks):
                 if mask is not None and p.grad is not None:
-                    p.grad.mul_(mask)
-        torch._foreach_copy_(params, backup)
-        del backup, masks
+                    _local(p.grad).mul_(mask)
+        torch._foreach_copy_([_local(p) for p in params], backup)
         if self.plus:
-            torch._foreach_add_([p.grad for p in params], clean)
+            missing = [p for p in params if p.grad is None]
+            if missing:  # pass 2 left a tensor without gradient: its step is pass 1's alone
+                for p in missing:
+                    p.grad = torch.zeros_like(p)
+            torch._foreach_add_([_local(p.grad) for p in params], clean)
+        self._second_pass_done = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.driven:  # the two passes are run by lightning_ext.callbacks.CrAM (pass 2 before this step)
+            loss = evaluate_closure(closure)
+            if not self._second_pass_done and _called_by("_init_optim_state"):
+                # torch.distributed.checkpoint creates the base's state before loading a sharded checkpoint by a
+                # step with zero gradients and lr 0 (FSDP2 resume): the base's, not a CrAM step
+                self.base.step()
+                return loss
+            if not self._second_pass_done:
+                raise RuntimeError(
+                    "CrAM: step() without a second pass. The optimizer is driven by lightning_ext.callbacks.CrAM, "
+                    "which runs pass 2 in on_before_optimizer_step; that hook did not run for this step (manual "
+                    "optimization, or a loop that steps the optimizer directly).")
+            self._second_pass_done = False
+        else:
+            if closure is None:
+                raise RuntimeError(
+                    "CrAM needs the closure: it evaluates the loss twice per step. Lightning passes one under "
+                    "precision 32/bf16-mixed with automatic optimization; use lightning_ext.callbacks.CrAM, which "
+                    "runs both passes itself under every precision, accumulation and strategy it supports.")
+            with torch.enable_grad():
+                loss = closure()  # pass 1
+            self.perturb()
+            with torch.enable_grad(), frozen_batchnorm_stats(self.batchnorm):
+                closure()  # pass 2: the closure must zero the gradients before its backward, as Lightning's does
+            self.restore()
+            self._second_pass_done = False
         self.base.step()
         self._steps += 1
         self.set_group_counter("cram_step", self._steps)

@@ -73,6 +73,11 @@ def main() -> int:
     calls: list[int] = []
     if args.shard_local:
         _sharding.all_reduce = lambda tensor, group: None
+        from lightning_ext.nn.pruning import topk_masks
+        from lightning_ext.optimizers.cram import CrAM, _local
+
+        # CrAM: a per-shard top-k (what a naive sharded pruner does) instead of the exact selection over ranks
+        CrAM.masks = lambda self, level: topk_masks([_local(p) for p in self.prunable], level, self.scope)
     elif args.count_collectives:
         reduce = _sharding.all_reduce
         _sharding.all_reduce = lambda tensor, group: (calls.append(tensor.numel()), reduce(tensor, group))
