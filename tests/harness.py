@@ -140,10 +140,11 @@ it under ZeRO and FSDP), global step and data position to ``out/rank<r>.pt``.
         state = {"params": params, "callbacks": clone(technique_callbacks(trainer)),
                  "global_step": trainer.global_step, "world_size": trainer.world_size,
                  "optimizer": _optimizer_state(trainer),
-                 "loss": _last_loss(trainer),
                  "datamodule": trainer.datamodule.state_dict() if trainer.datamodule is not None else {}}
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
+        # this rank's last training loss (its own micro-batch: not part of what the ranks must agree on)
+        torch.save(_last_loss(trainer), self.out / f"loss{trainer.global_rank}.pt")
 
 
 def _last_loss(trainer: pl.Trainer) -> float | None:

@@ -216,14 +216,21 @@ def test_one_shot_prune_and_batchnorm_recalibration():
 
 # --- the callback inside Lightning -------------------------------------------------------------------
 
-def _fit_cram(**trainer_kwargs):
+def _sixteen_mixed():
+    """16-mixed with a GradScaler on CPU (Lightning itself turns precision='16-mixed' into bf16 on CPU, so the
+    plugin is given directly: the same plugin class and scaler logic as on CUDA)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
+
+
+def _fit_cram(callbacks=None, model_class=None, max_steps=4, **trainer_kwargs):
     import lightning.pytorch as pl
 
-    from lightning_ext.callbacks import CrAM as CrAMCallback
     from lightning_ext.data import DigitsDataModule
     from lightning_ext.models import MLPClassifier
 
-    class Counting(MLPClassifier):
+    class Counting(model_class or MLPClassifier):
         calls = 0
 
         def training_step(self, batch, batch_idx):
@@ -232,37 +239,95 @@ def _fit_cram(**trainer_kwargs):
 
     pl.seed_everything(0, verbose=False)
     model = Counting(hidden=[32], batch_norm=True, lr=1e-2)
-    defaults = dict(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+    defaults = dict(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
                     enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
-    trainer = pl.Trainer(callbacks=[CrAMCallback(rho=0.05)], **{**defaults, **trainer_kwargs})
+    trainer = pl.Trainer(callbacks=[CrAMCallback(rho=0.05)] if callbacks is None else callbacks,
+                         **{**defaults, **trainer_kwargs})
     trainer.fit(model, datamodule=DigitsDataModule())
     return trainer, Counting.calls
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_callback_runs_two_passes_per_step_on_the_closure_path(precision):
-    trainer, calls = _fit_cram(precision=precision)
-    assert isinstance(trainer.optimizers[0], CrAM) and trainer.global_step == 4 and calls == 8
+def _weights(trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.lightning_module.parameters()])
 
 
-@pytest.mark.parametrize("trainer_kwargs, message", [
-    ({"precision": "bf16-true"}, r"precision='bf16-true'"),
-    ({"accumulate_grad_batches": 2}, r"accumulate_grad_batches=2"),
-])
-def test_callback_refuses_unsupported_combinations(trainer_kwargs, message):
-    with pytest.raises(RuntimeError, match=f"CrAM with {message}"):
-        _fit_cram(**trainer_kwargs)
+@pytest.mark.parametrize("setting", ["32-true", "bf16-mixed", "16-mixed", "accumulate-2"])
+def test_callback_runs_two_passes_over_every_micro_batch(setting):
+    kwargs = {"32-true": {}, "bf16-mixed": {"precision": "bf16-mixed"}, "16-mixed": _sixteen_mixed(),
+              "accumulate-2": {"accumulate_grad_batches": 2}}[setting]
+    trainer, calls = _fit_cram(**kwargs)
+    micro_batches = 4 * trainer.accumulate_grad_batches
+    assert isinstance(trainer.optimizers[0], CrAM) and trainer.global_step == 4 and calls == 2 * micro_batches
 
 
-def test_callback_refuses_16_mixed_naming_it():
-    """On CPU Lightning silently turns 16-mixed into bf16-mixed, so the decision is checked directly
-    here (and for real in tests/test_gpu.py on CUDA)."""
+def test_callback_steps_as_the_optimizer_on_its_closure_path():
+    """The callback's passes (pass 2 replayed through the strategy in on_before_optimizer_step) compute what
+    the optimizer computes alone with Lightning's closure (both passes inside ``step``); a run without CrAM is
+    far from both, so the comparison can fail."""
+    from lightning_ext.models import MLPClassifier
+
+    class OwnCrAM(MLPClassifier):  # CrAM configured by the module itself, driven by the closure
+        def configure_optimizers(self):
+            bn = [m for m in self.modules() if isinstance(m, nn.BatchNorm1d)]
+            return CrAM(super().configure_optimizers(), model=self, batchnorm=bn, rho=0.05)
+
+    driven, _ = _fit_cram()
+    closure, _ = _fit_cram(callbacks=[], model_class=OwnCrAM)
+    plain, _ = _fit_cram(callbacks=[])
+    assert not closure.optimizers[0].driven and driven.optimizers[0].driven
+    assert (_weights(driven) - _weights(closure)).abs().max() < 1e-6
+    assert (_weights(driven) - _weights(plain)).abs().max() > 1e-2
+
+
+def test_16_mixed_is_close_to_fp32_and_an_overflow_in_pass_two_skips_the_step():
+    from lightning_ext.models import MLPClassifier
+
+    fp32, _ = _fit_cram()
+    half, _ = _fit_cram(**_sixteen_mixed())
+    plain, _ = _fit_cram(callbacks=[], **_sixteen_mixed())
+    close, far = (_weights(half) - _weights(fp32)).abs().max(), (_weights(plain) - _weights(fp32)).abs().max()
+    assert close < 0.1 * far, (close, far)
+
+    class OverflowsInPassTwo(MLPClassifier):  # the second step's pass 2 overflows, its pass 1 does not
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            replaying = any(getattr(c, "_replaying", False) for c in self.trainer.callbacks)
+            if replaying and self.trainer.global_step == 1:
+                out = {**out, "loss": out["loss"] * float("inf")} if isinstance(out, dict) else out * float("inf")
+            return out
+
+    one, _ = _fit_cram(max_steps=1, **_sixteen_mixed())
+    skipped, _ = _fit_cram(max_steps=2, model_class=OverflowsInPassTwo, **_sixteen_mixed())
+    assert torch.equal(_weights(skipped), _weights(one))  # the step was skipped, no NaN reached the weights
+    assert skipped.precision_plugin.scaler.get_scale() == one.precision_plugin.scaler.get_scale() / 2
+
+
+@pytest.mark.parametrize("order", ["cram-first", "lawn-first"])
+def test_lawn_and_cram_stack_in_either_order_with_one_result(order):
+    """CrAM's pass 2 runs before any optimizer step, so wrapping LAWN or being wrapped by it is the same step
+    (LAWN's projection and re-scaling act on CrAM's gradient either way)."""
+    from lightning_ext.callbacks import LAWN
+
+    def callbacks(first_cram: bool):
+        pair = [CrAMCallback(rho=0.05), LAWN(free_steps=2, layers=["net.3"])]
+        return pair if first_cram else pair[::-1]
+
+    ran, _ = _fit_cram(callbacks=callbacks(order == "cram-first"))
+    other, _ = _fit_cram(callbacks=callbacks(order != "cram-first"))
+    cram_only, _ = _fit_cram()
+    assert (_weights(ran) - _weights(other)).abs().max() < 1e-7
+    assert (_weights(ran) - _weights(cram_only)).abs().max() > 1e-3
+
+
+def test_callback_refuses_unsupported_combinations():
     from types import SimpleNamespace
 
-    from lightning_ext.callbacks import CrAM as CrAMCallback
+    from lightning.pytorch.strategies import FSDPStrategy
 
-    trainer = SimpleNamespace(strategy=object(), precision="16-mixed", accumulate_grad_batches=1)
-    with pytest.raises(RuntimeError, match="CrAM with precision='16-mixed'"):
+    with pytest.raises(RuntimeError, match=r"CrAM with precision='bf16-true'"):
+        _fit_cram(precision="bf16-true")
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="32-true", accumulate_grad_batches=1)
+    with pytest.raises(RuntimeError, match=r"CrAM with FSDP1 \(FSDPStrategy\).*fsdp_cpu"):
         CrAMCallback()._refuse_unsupported(trainer, SimpleNamespace(automatic_optimization=True))
 
 
