@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,36 @@ def load_checkpoint_dict(ckpt_path: str | Path) -> dict[str, Any]:
         if not candidates:
             return {}
         path = candidates[0]
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return _load_file(path)
+
+
+class CheckpointFileError(RuntimeError):
+    """A checkpoint file that cannot be a checkpoint: empty, truncated, or another kind of file."""
+
+
+def _load_file(path: Path) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file, refusing with the file's name and what is wrong with it instead of
+    torch's ``EOFError`` / miniz messages."""
+    if not path.is_file():
+        raise CheckpointFileError(f"checkpoint {path} is not a file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointFileError(f"checkpoint {path} is empty (0 bytes): its save never completed. Resume from an "
+                                  "earlier checkpoint.")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path):
+        if head.startswith(b"PK"):
+            raise CheckpointFileError(f"checkpoint {path} is truncated: a zip archive of {size} bytes without its "
+                                      "end (central directory), as left by a save that was interrupted. Resume from "
+                                      "an earlier checkpoint.")
+        if not head.startswith(b"\x80"):  # neither torch's zip format nor its legacy pickle
+            raise CheckpointFileError(f"checkpoint {path} is not a torch checkpoint: a {size}-byte file starting "
+                                      f"with {head!r}, neither a zip archive (torch.save) nor a pickle")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=head.startswith(b"PK"))
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise CheckpointFileError(f"checkpoint {path} cannot be read by torch.load: {err}") from err
 
 
 def read_manifest(ckpt_path: str | Path) -> list[dict[str, Any]]:

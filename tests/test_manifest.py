@@ -124,3 +124,27 @@ def test_checkpoints_from_before_state_keys_still_resume(tmp_path):
     assert resumed.state["batches"] == 5
     with pytest.raises(RuntimeError, match=r"\['Counted'\].*techniques_from_checkpoint"):
         _fit(tmp_path, [Gate()], 5, ckpt_path=str(legacy))
+
+
+def _bad_checkpoints(good, root):
+    """An empty file, the first half of a real checkpoint (an interrupted save), and a YAML file."""
+    data = good.read_bytes()
+    files = {"empty": (b"", r"is empty \(0 bytes\)"),
+             "truncated": (data[:len(data) // 2], r"is truncated: a zip archive of \d+ bytes without its end"),
+             "yaml": (b"model:\n  lr: 0.1\n", r"is not a torch checkpoint: a 17-byte file starting with b'mode'")}
+    for name, (content, message) in files.items():
+        path = root / f"{name}.ckpt"
+        path.write_bytes(content)
+        yield path, message
+
+
+def test_bad_checkpoint_files_are_refused_naming_the_file_and_the_cause(gated_ckpt, tmp_path):
+    """Before: an empty file raised a bare ``EOFError``/``RuntimeError: mmap can only be used ...``, a truncated
+    one miniz's "failed finding central directory", naming neither the file nor the cause."""
+    from lightning_ext.manifest import CheckpointFileError
+
+    for path, message in _bad_checkpoints(gated_ckpt, tmp_path):
+        with pytest.raises(CheckpointFileError, match=f"^checkpoint {path} {message}"):
+            read_manifest(path)
+        with pytest.raises(CheckpointFileError, match=f"^checkpoint {path} {message}"):  # at setup, before loading
+            _fit(tmp_path / "resumed", [Gate(target_modules=["net.0"], init=0.5)], 5, ckpt_path=str(path))
