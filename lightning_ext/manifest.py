@@ -162,6 +162,14 @@ def techniques_from_checkpoint(ckpt_path: str | Path) -> list[pl.Callback]:
     return callbacks
 
 
+def _legacy_name(entry: dict[str, Any]) -> str:
+    """An old entry's technique name: every peft adapter was once saved as its shared base ``_PeftAdapter``; its
+    class path still names it."""
+    if entry["name"] == "_PeftAdapter" and "class_path" in entry:
+        return entry["class_path"].rpartition(".")[2]
+    return entry["name"]
+
+
 def check_manifest(trainer: pl.Trainer, ckpt_path: str | Path | None = None) -> None:
     """Refuse to resume from a checkpoint whose techniques differ from the trainer's.
 
@@ -177,14 +185,15 @@ def check_manifest(trainer: pl.Trainer, ckpt_path: str | Path | None = None) -> 
     saved_entries = read_manifest(ckpt_path)
     techniques = [cb for cb in trainer.callbacks if getattr(cb, "is_lightning_ext_technique", False)]
     by = "name" if any("state_key" not in e for e in saved_entries) else "state_key"  # older checkpoints: by name
-    saved = {e[by]: e for e in saved_entries}
+    saved = {(_legacy_name(e) if by == "name" else e[by]): e for e in saved_entries}
     pairs = [(manifest_entry(cb), type(cb)) for cb in techniques]
     present = {e[by]: e for e, _ in pairs}
     classes = {e[by]: cls for e, cls in pairs}
     missing = sorted(set(saved) - set(present))
     if missing:
         raise RuntimeError(
-            f"checkpoint {ckpt_path} was trained with techniques {missing} that this trainer does not have; they "
+            f"checkpoint {ckpt_path} was trained with techniques {missing} that this trainer does not have (it "
+            f"has {sorted(set(present) - set(saved)) or 'no other'}); they "
             f"change the model before its weights load. Add the same callbacks (saved arguments: "
             f"{[saved[m]['init_args'] for m in missing]}), or build them with "
             "lightning_ext.manifest.techniques_from_checkpoint(ckpt_path).")

@@ -317,3 +317,16 @@ def test_two_adapters_on_two_models_live_in_one_trainer_and_resume_exactly(tmp_p
     model, _ = _fit(make()[0], tmp_path=tmp_path, model=_TwoEncoders())
     with pytest.raises(ValueError, match=r"already adapted by LoRA.*one adapter callback per model"):
         _fit(LoRA(r=4, attr="model", target_modules=["key"]), tmp_path=tmp_path, model=model)
+
+
+def test_each_adapter_has_its_own_name_and_a_checkpoint_of_one_refuses_another(tmp_path):
+    """Before: all five shared their base's name ``_PeftAdapter`` in the manifest and in error messages."""
+    names = {c.technique_name for c in (LoRA, EVA, GoRA, Bone, LoTR)}
+    assert names == {"LoRA", "EVA", "GoRA", "Bone", "LoTR"}
+    _, trainer = _fit(LoRA(r=4, modules_to_save=HEAD), steps=1, tmp_path=tmp_path)
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    message = r"trained with techniques \[.LoRA.*that this trainer does not have \(it has \[.Bone"
+    with pytest.raises(RuntimeError, match=message):
+        pl.Trainer(max_steps=2, callbacks=[Bone(modules_to_save=HEAD)], logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, limit_val_batches=0, default_root_dir=tmp_path / "bone").fit(
+            TextClassifier(), TweetSentimentDataModule(), ckpt_path=str(tmp_path / "lora.ckpt"))

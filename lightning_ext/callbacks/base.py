@@ -38,8 +38,8 @@ class Technique(pl.Callback):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if not cls.technique_name:
-            cls.technique_name = cls.__name__
+        if "technique_name" not in cls.__dict__:  # each class its own name, never its base's (LoRA, not
+            cls.technique_name = cls.__name__      # the shared _PeftAdapter)
         if "__init__" not in cls.__dict__:
             return
         init = cls.__init__
