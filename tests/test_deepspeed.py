@@ -61,15 +61,35 @@ def test_zero_resume_after_sigkill_is_exact(entry, stage, launches):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_shard_local_optimizer_fails_the_one_process_comparison(tmp_path, launches):
-    """Negative control of the cells above: AdamP under ZeRO-2 with its per-row statistics left shard-local
-    (no all-reduce) still trains with agreeing ranks — and misses the one-process run by far more than
-    TOLERANCE."""
-    entry = BY_NAME["adamp"]
-    r0, r1 = launches.get("deepspeed_cpu_stage_2", "straight", [entry], "--shard-local").states(entry)
+@pytest.mark.parametrize("name", ["adamp", "cram"])
+def test_a_shard_local_optimizer_fails_the_one_process_comparison(tmp_path, launches, name):
+    """Negative controls of the cells above: AdamP under ZeRO-2 with its per-row statistics left shard-local
+    (no all-reduce), and CrAM perturbing with its own gradient fragments only and keeping its rank's pass-2
+    gradient, still train with agreeing ranks — and miss the one-process run by far more than TOLERANCE."""
+    entry = BY_NAME[name]
+    r0, r1 = launches.get("deepspeed_cpu_stage_2", "straight", [BY_NAME["adamp"], BY_NAME["cram"]],
+                          "--shard-local").states(entry)
     assert differences(r0["params"], r1["params"]) == []
     one = one_process_parameters(entry, tmp_path / "one", 2)
     assert worst_difference(r0["params"], one) > 100 * TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cram_under_zero2_with_and_without_reduce_scatter_equals_one_process_in_two_all_reduces_a_step(
+        tmp_path, launches):
+    """CrAM's pass 2 under ZeRO-1/2 (lightning_ext/optimizers/cram_deepspeed.py) takes two all-reduces per step
+    whatever the number of tensors (the gathered pass-1 gradient, the averaged pass-2 gradient), and equals one
+    process also when ZeRO-2 reduces pass 1 by all-reduce instead of reduce-scatter."""
+    import json
+
+    entry = BY_NAME["cram"]
+    launch = launches.get("deepspeed_cpu_stage_2_noscatter", "straight", [entry])
+    assert sharded_difference(entry, launch, tmp_path) < TOLERANCE
+    counted = launches.get("deepspeed_cpu_stage_2", "straight", [entry], "--count-collectives")
+    counted.states(entry)  # it ran
+    counts = [json.loads((counted.out / entry.name / f"collectives{r}.json").read_text()) for r in range(2)]
+    assert counts[0] == counts[1] and len(counts[0]) == 2 * entry.steps, len(counts[0])
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ from lightning_ext.callbacks.optimizer_diagnostics import log_diagnostics
 from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.callbacks.step_wrapper import unwrap_training_step, wrap_training_step
 from lightning_ext.nn.pruning import batchnorm_modules, frozen_batchnorm_stats
+from lightning_ext.optimizers import cram_deepspeed
 from lightning_ext.optimizers.cram import CRAM_DEFAULTS as _D
 from lightning_ext.optimizers.cram import CrAM as CrAMOptimizer
 from lightning_ext.optimizers.cram import CrAMHyperparameters
@@ -87,10 +88,10 @@ class CrAM(Technique):
 
     def _refuse_unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = strategy_info(trainer).zero_stage
-        if stage is not None:
-            raise RuntimeError(f"CrAM with DeepSpeed (ZeRO stage {stage}) is not supported yet: the engine keeps the "
-                               "reduced gradients in its own partitioned buffers, which CrAM's second pass would "
-                               "have to re-fill. Use DDP or fsdp_cpu (FSDP2).")
+        if stage == 3:
+            raise RuntimeError("CrAM with DeepSpeed (ZeRO stage 3) is not supported yet: its second pass would "
+                               "have to perturb the partitioned parameters and fill ZeRO-3's gradient partitions. "
+                               "Use ZeRO-1/2, DDP or fsdp_cpu (FSDP2).")
         if isinstance(trainer.strategy, FSDPStrategy):
             raise RuntimeError("CrAM with FSDP1 (FSDPStrategy) is not supported: it hands the optimizer flat "
                                "parameters, whose rows and N:M groups are lost. Use fsdp_cpu or "
@@ -144,19 +145,28 @@ class CrAM(Technique):
         self._micro_batches = []
 
     def _cram_of(self, optimizer: Any) -> CrAMOptimizer | None:
-        """The CrAM wrapper that ``optimizer`` is or wraps (another wrapper, e.g. LAWN, may be around it)."""
-        seen = optimizer
-        while seen is not None:
+        """The CrAM wrapper that ``optimizer`` is or wraps (another wrapper, e.g. LAWN, may be around it; under
+        DeepSpeed the engine's ZeRO optimizer holds it as ``.optimizer``)."""
+        seen, hops = optimizer, 0
+        while seen is not None and hops < 8:
             if any(seen is o for o in self.optimizers):
                 return seen
-            seen = getattr(seen, "base", None)
+            seen, hops = getattr(seen, "base", None) or getattr(seen, "optimizer", None), hops + 1
         return None
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         cram = self._cram_of(optimizer)
-        batches, self._micro_batches = self._micro_batches, []
         if cram is None:
+            self._micro_batches = []
             return
+        if strategy_info(trainer).is_deepspeed:
+            # Lightning steps the engine after every micro-batch; the engine steps at its accumulation boundary
+            if not trainer.strategy.model.is_gradient_accumulation_boundary():
+                return
+            batches, self._micro_batches = self._micro_batches, []
+            self._second_pass_deepspeed(trainer, pl_module, optimizer, cram, batches)
+            return
+        batches, self._micro_batches = self._micro_batches, []
         if not batches:
             raise RuntimeError("CrAM: no training_step was recorded for this optimizer step")
         cram.perturb()
@@ -166,6 +176,39 @@ class CrAM(Technique):
             _unscale_second_pass(trainer, optimizer, cram)
         finally:
             cram.restore()
+
+    def _second_pass_deepspeed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, zero: Any,
+                               cram: CrAMOptimizer, batches: list[tuple[tuple, dict]]) -> None:
+        """ZeRO-1/2 (:mod:`lightning_ext.optimizers.cram_deepspeed`): perturb the replicated model parameters with
+        the gathered pass-1 gradient, compute pass 2 with ``torch.autograd.grad`` outside the engine's gradient
+        hooks (one all-reduce), restore, and write CrAM's gradient into this rank's fragments."""
+        if not hasattr(zero, "bit16_groups") or not hasattr(zero, "dp_process_group"):
+            raise RuntimeError(f"CrAM under DeepSpeed needs its ZeRO-1/2 optimizer (DeepSpeedZeroOptimizer); the "
+                               f"engine runs {type(zero).__name__} (ZeRO-3, or its BF16 optimizer), not supported")
+        params = cram_deepspeed.zero12_parameters(zero)
+        group = zero.dp_process_group
+        cram.perturb(params, cram_deepspeed.full_gradients(params, group))
+        flat, grads = cram_deepspeed.empty_gradients(params)
+        # pass 1's loss went through Lightning's division by accumulate_grad_batches and the engine's by its
+        # gradient_accumulation_steps (Lightning sets both to the same value)
+        scale = 1.0 / (trainer.accumulate_grad_batches * trainer.strategy.model.gradient_accumulation_steps())
+        self._replaying = True
+        try:
+            with frozen_batchnorm_stats(self._batchnorm):
+                for args, kwargs in batches:
+                    with trainer.precision_plugin.train_step_context(), torch.enable_grad():
+                        loss = _loss_of(pl_module.training_step(*args, **kwargs))
+                        if loss is None:
+                            continue
+                        step = torch.autograd.grad(loss * scale, params, allow_unused=True)
+                    for view, grad in zip(grads, step):
+                        if grad is not None:
+                            view.add_(grad)
+            cram_deepspeed.average(flat, group)
+        finally:
+            self._replaying = False
+            cram.restore(grads)
+        cram_deepspeed.write_fragments(params, grads)
 
     def _replay(self, trainer: pl.Trainer, optimizer: Any, batches: list[tuple[tuple, dict]]) -> None:
         """Pass 2: the step's micro-batches again, through the strategy (its wrapped model, loss scaling and

@@ -218,14 +218,18 @@ class CrAM(WrapperOptimizer):
         return {"cram/sparsity": level} if isinstance(level, float) else {"cram/nm_n_over_m": level[0] / level[1]}
 
     @torch.no_grad()
-    def perturb(self) -> None:
-        """First half of a step, with pass 1's gradients ``g`` in ``.grad``: keep ``θ`` (and ``g`` for CrAM+),
-        move the parameters to ``C_k(θ + ρ g)``. The caller then clears the gradients, runs pass 2 (BatchNorm
-        statistics frozen) and calls :meth:`restore`. Works on this rank's local shards of DTensors."""
+    def perturb(self, params: list[torch.Tensor] | None = None, grads: list[torch.Tensor] | None = None) -> None:
+        """First half of a step, with pass 1's gradients ``g``: keep ``θ`` (and ``g`` for CrAM+), move the
+        parameters to ``C_k(θ + ρ g)``. The caller then computes pass 2's gradients (BatchNorm statistics
+        frozen) and calls :meth:`restore`. By default the parameters are the param groups' and ``g`` their
+        ``.grad`` (for DTensors, this rank's local shards); under DeepSpeed the caller passes the model's
+        parameters and their full gradients (:mod:`lightning_ext.optimizers.cram_deepspeed`)."""
         if self._pending is not None:
             raise RuntimeError("CrAM.perturb: the previous perturbation was not restored")
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        local, grads = [_local(p) for p in params], [_local(p.grad) for p in params]
+        if params is None:
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+        local, grads = [_local(p) for p in params], [_local(g) for g in grads]
         clean = [g.clone() for g in grads] if self.plus else None
         backup = [t.clone() for t in local]
         if self.rho > 0:
@@ -247,24 +251,28 @@ class CrAM(WrapperOptimizer):
         self._pending = (params, backup, clean, masks)
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Second half, with pass 2's gradients ``g~`` in ``.grad``: mask them (``sparse_grad``), put ``θ``
-        back (a copy into the same storage, never a subtraction) and add ``g`` (CrAM+)."""
+    def restore(self, grads: list[torch.Tensor] | None = None) -> None:
+        """Second half, with pass 2's gradients ``g~`` (``.grad`` of the perturbed parameters, or ``grads`` in
+        their order): mask them (``sparse_grad``), put ``θ`` back (a copy into the same storage, never a
+        subtraction) and add ``g`` (CrAM+). ``grads`` are then the step's gradients."""
         if self._pending is None:
             raise RuntimeError("CrAM.restore without CrAM.perturb")
         params, backup, clean, masks = self._pending
         self._pending = None
+        if grads is None:
+            if self.plus:  # pass 2 left a tensor without gradient: its step is pass 1's alone
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+        grad_of = {id(p): g for p, g in zip(params, grads) if g is not None}
         if self.sparse_grad:
             for p, mask in zip(self.prunable, masks):
-                if mask is not None and p.grad is not None:
-                    _local(p.grad).mul_(mask)
+                if mask is not None and id(p) in grad_of:
+                    _local(grad_of[id(p)]).mul_(mask)
         torch._foreach_copy_([_local(p) for p in params], backup)
         if self.plus:
-            missing = [p for p in params if p.grad is None]
-            if missing:  # pass 2 left a tensor without gradient: its step is pass 1's alone
-                for p in missing:
-                    p.grad = torch.zeros_like(p)
-            torch._foreach_add_([_local(p.grad) for p in params], clean)
+            torch._foreach_add_([_local(g) for g in grads], clean)
         self._second_pass_done = True
 
     @torch.no_grad()

@@ -34,7 +34,10 @@ def _strategy(name: str):
     if name.startswith("deepspeed_cpu_stage_"):  # every parameter partitioned under ZeRO-3, however small
         from lightning_ext.strategies import DeepSpeedCPUStrategy
 
-        return DeepSpeedCPUStrategy(stage=int(name.rsplit("_", 1)[1]), param_persistence_threshold=0)
+        stage, _, variant = name.removeprefix("deepspeed_cpu_stage_").partition("_")
+        # "_noscatter": ZeRO-2 reducing the gradients by all-reduce instead of reduce-scatter
+        return DeepSpeedCPUStrategy(stage=int(stage), param_persistence_threshold=0,
+                                    reduce_scatter=variant != "noscatter")
     return name
 
 
