@@ -99,8 +99,7 @@ REGISTRY: list[Entry] = [
           callbacks=lambda: [LAWN(free_steps=10, layers=["net.3"])]),
     Entry(name="cram", data=_digits, config="configs/cram.yaml",
           model=lambda: MLPWith("torch.optim.SGD", lr=0.05, momentum=0.9, weight_decay=5e-4),
-          callbacks=lambda: [CrAM(rho=0.05, sparsities=[0.5, 0.7, 0.9])],
-          deepspeed={1: "train", 2: "train", 3: r"CrAM with DeepSpeed \(ZeRO stage 3\)"}),
+          callbacks=lambda: [CrAM(rho=0.05, sparsities=[0.5, 0.7, 0.9])]),
     # warm-up ends at step 20: the resume test stops (13) inside it and the run crosses into reweighting
     Entry(name="reweighting", data=_digits, config="configs/reweighting.yaml",
           model=lambda: MLPClassifier(hidden=[32], lr=1e-2),

@@ -94,6 +94,18 @@ def test_cram_under_zero2_with_and_without_reduce_scatter_equals_one_process_in_
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_cram_under_zero3_refuses_a_prunable_parameter_kept_whole(launches):
+    """With DeepSpeed's default persistence threshold the small test model's matrices stay whole on every rank
+    outside the partitions; CrAM's pieces would then not cover them once, so it refuses at its first step, naming
+    the setting to change."""
+    entry = BY_NAME["cram"]
+    message = refusal_of(launches.get("deepspeed_cpu_stage_3_persist", "straight", [entry]), entry,
+                         r"CrAM under DeepSpeed ZeRO-3 needs every prunable parameter partitioned")
+    assert "param_persistence_threshold=0" in message
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_manifest_is_read_from_a_deepspeed_checkpoint_directory(tmp_path):
     from lightning_ext.manifest import read_manifest
 

@@ -87,11 +87,6 @@ class CrAM(Technique):
         self.optimizers: list[CrAMOptimizer] = []
 
     def _refuse_unsupported(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stage = strategy_info(trainer).zero_stage
-        if stage == 3:
-            raise RuntimeError("CrAM with DeepSpeed (ZeRO stage 3) is not supported yet: its second pass would "
-                               "have to perturb the partitioned parameters and fill ZeRO-3's gradient partitions. "
-                               "Use ZeRO-1/2, DDP or fsdp_cpu (FSDP2).")
         if isinstance(trainer.strategy, FSDPStrategy):
             raise RuntimeError("CrAM with FSDP1 (FSDPStrategy) is not supported: it hands the optimizer flat "
                                "parameters, whose rows and N:M groups are lost. Use fsdp_cpu or "
@@ -179,18 +174,68 @@ class CrAM(Technique):
 
     def _second_pass_deepspeed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, zero: Any,
                                cram: CrAMOptimizer, batches: list[tuple[tuple, dict]]) -> None:
-        """ZeRO-1/2 (:mod:`lightning_ext.optimizers.cram_deepspeed`): perturb the replicated model parameters with
-        the gathered pass-1 gradient, compute pass 2 with ``torch.autograd.grad`` outside the engine's gradient
-        hooks (one all-reduce), restore, and write CrAM's gradient into this rank's fragments."""
+        """:mod:`lightning_ext.optimizers.cram_deepspeed`: perturb the model parameters (ZeRO-1/2: replicated;
+        ZeRO-3: this rank's pieces) with the gathered pass-1 gradient, compute pass 2 with ``torch.autograd.grad``
+        outside the engine's gradient hooks (one all-reduce), restore, and write CrAM's gradient into this rank's
+        gradient partition."""
+        if hasattr(zero, "fp32_partitioned_groups_flat"):
+            return self._second_pass_zero3(trainer, pl_module, zero, cram, batches)
         if not hasattr(zero, "bit16_groups") or not hasattr(zero, "dp_process_group"):
-            raise RuntimeError(f"CrAM under DeepSpeed needs its ZeRO-1/2 optimizer (DeepSpeedZeroOptimizer); the "
-                               f"engine runs {type(zero).__name__} (ZeRO-3, or its BF16 optimizer), not supported")
+            raise RuntimeError(f"CrAM under DeepSpeed needs a ZeRO optimizer; the engine runs "
+                               f"{type(zero).__name__} (DeepSpeed's BF16 optimizer), not supported")
         params = cram_deepspeed.zero12_parameters(zero)
         group = zero.dp_process_group
         cram.perturb(params, cram_deepspeed.full_gradients(params, group))
         flat, grads = cram_deepspeed.empty_gradients(params)
-        # pass 1's loss went through Lightning's division by accumulate_grad_batches and the engine's by its
-        # gradient_accumulation_steps (Lightning sets both to the same value)
+        try:
+            self._autograd_pass_two(trainer, pl_module, params, grads, batches)
+            cram_deepspeed.average(flat, group)
+        finally:
+            cram.restore(grads)
+        cram_deepspeed.write_fragments(params, grads)
+
+    def _second_pass_zero3(self, trainer: pl.Trainer, pl_module: pl.LightningModule, zero: Any,
+                           cram: CrAMOptimizer, batches: list[tuple[tuple, dict]]) -> None:
+        import torch.distributed as dist
+
+        from lightning_ext.nn.sharded_masks import Collectives
+        from lightning_ext.optimizers import _sharding
+        from lightning_ext.optimizers.cram import LocalShards
+
+        params = cram_deepspeed.zero3_parameters(zero)
+        group = zero.dp_process_group
+        rank = dist.get_rank(group)
+        persistent = [i for i, p in enumerate(cram.prunable) if getattr(p, "ds_persist", False)]
+        if persistent:
+            raise RuntimeError("CrAM under DeepSpeed ZeRO-3 needs every prunable parameter partitioned; "
+                               f"{len(persistent)} are kept whole on every rank (below "
+                               "stage3_param_persistence_threshold). Set it to 0, e.g. "
+                               "DeepSpeedCPUStrategy(stage=3, param_persistence_threshold=0).")
+        pieces = cram_deepspeed.zero3_pieces(params, rank)
+        piece_of = {id(p): t for p, t in zip(params, pieces)}
+        comm = Collectives.of_group(group)
+        comm = dataclasses.replace(comm, all_reduce=lambda t: _sharding.all_reduce(t, group))
+        cram.local_shards = LocalShards([piece_of[id(p)] for p in cram.prunable],
+                                        [p.ds_numel for p in cram.prunable], comm)
+        try:
+            full = cram_deepspeed.zero3_full_gradients(params, rank, group)
+            cram.perturb(pieces, cram_deepspeed.zero3_pieces_of(params, full, rank))
+            flat, grads = cram_deepspeed.zero3_empty_gradients(params)
+            try:
+                self._autograd_pass_two(trainer, pl_module, params, grads, batches)
+                cram_deepspeed.average(flat, group)
+            finally:
+                cram.restore(cram_deepspeed.zero3_pieces_of(params, grads, rank))
+        finally:
+            cram.local_shards = None
+        cram_deepspeed.zero3_write_gradients(params, grads, rank)
+
+    def _autograd_pass_two(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list,
+                           grads: list[torch.Tensor], batches: list[tuple[tuple, dict]]) -> None:
+        """Pass 2's local gradient, summed into ``grads``: the step's micro-batches through the module, the
+        gradients taken with ``torch.autograd.grad`` (nothing accumulates into ``.grad``, so the engine's
+        gradient hooks do not fire). Pass 1's loss went through Lightning's division by
+        ``accumulate_grad_batches`` and the engine's by its ``gradient_accumulation_steps``: so does this one."""
         scale = 1.0 / (trainer.accumulate_grad_batches * trainer.strategy.model.gradient_accumulation_steps())
         self._replaying = True
         try:
@@ -203,12 +248,9 @@ class CrAM(Technique):
                         step = torch.autograd.grad(loss * scale, params, allow_unused=True)
                     for view, grad in zip(grads, step):
                         if grad is not None:
-                            view.add_(grad)
-            cram_deepspeed.average(flat, group)
+                            view.add_(grad.reshape(view.shape))
         finally:
             self._replaying = False
-            cram.restore(grads)
-        cram_deepspeed.write_fragments(params, grads)
 
     def _replay(self, trainer: pl.Trainer, optimizer: Any, batches: list[tuple[tuple, dict]]) -> None:
         """Pass 2: the step's micro-batches again, through the strategy (its wrapped model, loss scaling and

@@ -97,6 +97,16 @@ class CrAMHyperparameters:
         object.__setattr__(self, "nm_patterns", patterns)
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalShards:
+    """This rank's flat pieces of the prunable tensors (in their order, possibly empty), their full sizes, and
+    the collectives of the group they are cut over."""
+
+    local: list[torch.Tensor]
+    full_numels: list[int]
+    comm: Collectives
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "to_local")
 
@@ -177,14 +187,20 @@ class CrAM(WrapperOptimizer):
         self.driven = False
         self._pending: tuple | None = None
         self._second_pass_done = False
+        #: this rank's flat pieces of the prunable tensors where neither they nor DTensors say it (DeepSpeed
+        #: ZeRO-3's partitions), set by lightning_ext.optimizers.cram_deepspeed for the step
+        self.local_shards: LocalShards | None = None
 
     def _draw(self) -> float | tuple[int, int]:
         rng = random.Random(self.seed * 1_000_003 + self._steps)  # identical on every rank
         return rng.choice(self.nm_patterns if self.compression == "nm" else self.sparsities)
 
     def _collectives(self) -> Collectives | None:
-        """The process group the prunable tensors are sharded over (FSDP2's dim-0 DTensors), else ``None``:
-        unsharded or replicated (DDP) tensors need no collective, every rank computes the same masks."""
+        """The process group the prunable tensors are sharded over (FSDP2's dim-0 DTensors, ZeRO-3's partitions),
+        else ``None``: unsharded or replicated (DDP, ZeRO-1/2) tensors need no collective, every rank computes the
+        same masks."""
+        if self.local_shards is not None:
+            return self.local_shards.comm
         sharded = [p for p in self.prunable if _is_dtensor(p)]
         if not sharded:
             return None
@@ -199,6 +215,13 @@ class CrAM(WrapperOptimizer):
         """Masks of the prunable tensors at a sparsity (top-k) or an (N, M) pattern; for FSDP2's DTensors, the
         masks of this rank's local shards, equal to the slices of the unsharded masks
         (:mod:`lightning_ext.nn.sharded_masks`)."""
+        if self.local_shards is not None:
+            if self.compression == "nm":
+                raise RuntimeError("CrAM compression='nm' on flat partitions (DeepSpeed ZeRO-3) is not supported: "
+                                   "its groups of M may be cut by a partition boundary. Use compression='topk', or "
+                                   "ZeRO-1/2, DDP or fsdp_cpu (FSDP2).")
+            shards = self.local_shards
+            return sharded_topk_masks(shards.local, shards.full_numels, level, self.scope, shards.comm)
         comm = self._collectives()
         if comm is not None:
             local = [_local(p) for p in self.prunable]
@@ -245,10 +268,17 @@ class CrAM(WrapperOptimizer):
         level = self._draw()
         self.last_sparsity = level
         masks = self.masks(level)
-        for p, mask in zip(self.prunable, masks):
+        for target, mask in zip(self._mask_targets(), masks):
             if mask is not None:
-                _local(p).mul_(mask)
+                target.mul_(mask)
         self._pending = (params, backup, clean, masks)
+
+    def _mask_targets(self) -> list[torch.Tensor]:
+        """What the masks apply to: each prunable tensor's local piece (also the key of its gradient in
+        :meth:`restore` when the caller passes pieces)."""
+        if self.local_shards is not None:
+            return list(self.local_shards.local)
+        return [_local(p) for p in self.prunable]
 
     @torch.no_grad()
     def restore(self, grads: list[torch.Tensor] | None = None) -> None:
@@ -266,10 +296,11 @@ class CrAM(WrapperOptimizer):
                         p.grad = torch.zeros_like(p)
             grads = [p.grad for p in params]
         grad_of = {id(p): g for p, g in zip(params, grads) if g is not None}
+        keys = self.local_shards.local if self.local_shards is not None else self.prunable
         if self.sparse_grad:
-            for p, mask in zip(self.prunable, masks):
-                if mask is not None and id(p) in grad_of:
-                    _local(grad_of[id(p)]).mul_(mask)
+            for key, mask in zip(keys, masks):
+                if mask is not None and id(key) in grad_of:
+                    _local(grad_of[id(key)]).mul_(mask)
         torch._foreach_copy_([_local(p) for p in params], backup)
         if self.plus:
             torch._foreach_add_([_local(g) for g in grads], clean)

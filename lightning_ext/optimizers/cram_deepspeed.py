@@ -1,4 +1,4 @@
-"""CrAM's second pass under DeepSpeed ZeRO-1/2: the full gradients in, this rank's gradient fragments out.
+"""CrAM's second pass under DeepSpeed ZeRO-1/2/3: the full gradients in, this rank's gradient pieces out.
 
 Written by hand (DeepSpeed has no two-pass optimizer to reuse). Under ZeRO-1/2 the model's parameters stay whole
 on every rank; only the fp32 master weights, the optimizer state and — after the accumulation boundary's
@@ -17,8 +17,16 @@ reduction — the gradients are partitioned: each parameter holds a fragment add
   fragments, which the engine's ``step`` then flattens into the fp32 partition as it would pass 1's alone.
 
 The fp32 master partitions are never touched: the engine copies them into the model's parameters after its step,
-and CrAM restores the model's parameters from its own copy before that. ZeRO-3 (partitioned parameters) is not
-covered here. Both collectives go through ``_sharding.all_reduce`` (two per step), which the tests count and
+and CrAM restores the model's parameters from its own copy before that.
+
+**ZeRO-3** partitions the parameters too: CrAM perturbs and compresses this rank's piece of each (a view of its
+``ds_tensor``, which the next forward all-gathers; a persistent parameter, kept whole on every rank, whole), with
+the global top-k threshold found across the pieces (:mod:`lightning_ext.nn.sharded_masks`, 4 all-reduces in
+fp32); the gradients are read and written per partition (``safe_get_local_grad`` / ``safe_set_local_grad``).
+The two gradient buffers are the size of the whole model on every rank (as the reduced gradient of a ZeRO-1/2
+step is before partitioning): CrAM under ZeRO-3 saves the parameters' and optimizer state's memory, not the
+gradients'. A prunable parameter must be partitioned (``stage3_param_persistence_threshold: 0`` for small
+ones). Both collectives go through ``_sharding.all_reduce`` (two per step), which the tests count and
 replace by a no-op for the shard-local negative control.
 """
 
@@ -86,3 +94,88 @@ def write_fragments(params: list[nn.Parameter], grads: list[torch.Tensor]) -> No
         if held is not None:
             fragment, start, numel = held
             fragment.copy_(grad.reshape(-1)[start:start + numel].reshape_as(fragment).to(fragment.dtype))
+
+
+# --- ZeRO-3: parameters partitioned too ----------------------------------------------------------------------
+
+
+def zero3_parameters(zero) -> list[nn.Parameter]:
+    """The model parameters a DeepSpeed ZeRO-3 optimizer trains, in its order (each with ``ds_tensor``, this
+    rank's flat piece of it, ``ds_numel`` elements in all)."""
+    return [p for group in zero.fp16_groups for p in group]
+
+
+def _span(p: nn.Parameter, rank: int) -> tuple[int, int]:
+    """``(start, valid)``: where this rank's piece of ``p`` starts in the flattened parameter and how many of its
+    ``ds_tensor`` elements are real (the last ranks' pieces are padded)."""
+    part = p.ds_tensor.numel()
+    start = min(rank * part, p.ds_numel)
+    return start, max(0, min(part, p.ds_numel - start))
+
+
+def zero3_pieces(params: list[nn.Parameter], rank: int) -> list[torch.Tensor]:
+    """What CrAM perturbs and restores: this rank's real piece of each partitioned parameter (a view of its
+    ``ds_tensor``, which the next forward all-gathers), or the whole data of a persistent one (kept whole on every
+    rank, below ``stage3_param_persistence_threshold``)."""
+    pieces = []
+    for p in params:
+        if getattr(p, "ds_persist", False):
+            pieces.append(p.data)
+        else:
+            _, valid = _span(p, rank)
+            pieces.append(p.ds_tensor.data.view(-1)[:valid])
+    return pieces
+
+
+def zero3_full_gradients(params: list[nn.Parameter], rank: int, group) -> list[torch.Tensor]:
+    """Pass 1's averaged gradient of every parameter, whole on every rank: each rank writes its partition of the
+    gradient (``safe_get_local_grad``) into a zero buffer, one all-reduce (sum)."""
+    from deepspeed.utils import safe_get_local_grad
+
+    flat, views = _flat_views_of(params)
+    for p, view in zip(params, views):
+        start, valid = _span(p, rank)
+        local = safe_get_local_grad(p)
+        if local is not None and valid:
+            view.view(-1)[start:start + valid] = local.reshape(-1)[:valid].to(torch.float32)
+    _sharding.all_reduce(flat, group)
+    return views
+
+
+def _flat_views_of(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    flat = torch.zeros(sum(p.ds_numel for p in params), dtype=torch.float32)
+    views, at = [], 0
+    for p in params:
+        views.append(flat[at:at + p.ds_numel].view(p.ds_shape))
+        at += p.ds_numel
+    return flat, views
+
+
+def zero3_empty_gradients(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A zero fp32 buffer for pass 2's full gradients (by ``ds_shape``) and its per-parameter views."""
+    return _flat_views_of(params)
+
+
+def zero3_pieces_of(params: list[nn.Parameter], full: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
+    """The pieces (as :func:`zero3_pieces`) of full tensors: views, so writing a piece writes the full tensor."""
+    pieces = []
+    for p, t in zip(params, full):
+        if getattr(p, "ds_persist", False):
+            pieces.append(t)
+        else:
+            start, valid = _span(p, rank)
+            pieces.append(t.view(-1)[start:start + valid])
+    return pieces
+
+
+@torch.no_grad()
+def zero3_write_gradients(params: list[nn.Parameter], full: list[torch.Tensor], rank: int) -> None:
+    """Put this rank's partition of each full gradient where ZeRO-3's ``step`` reads it (``safe_set_local_grad``;
+    the padding stays zero)."""
+    from deepspeed.utils import safe_set_local_grad
+
+    for p, grad in zip(params, full):
+        start, valid = _span(p, rank)
+        value = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32)
+        value[:valid] = grad.reshape(-1)[start:start + valid]
+        safe_set_local_grad(p, value)

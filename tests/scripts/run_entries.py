@@ -35,8 +35,9 @@ def _strategy(name: str):
         from lightning_ext.strategies import DeepSpeedCPUStrategy
 
         stage, _, variant = name.removeprefix("deepspeed_cpu_stage_").partition("_")
-        # "_noscatter": ZeRO-2 reducing the gradients by all-reduce instead of reduce-scatter
-        return DeepSpeedCPUStrategy(stage=int(stage), param_persistence_threshold=0,
+        # "_noscatter": ZeRO-2 reducing the gradients by all-reduce instead of reduce-scatter; "_persist": ZeRO-3
+        # with DeepSpeed's default persistence threshold (small parameters kept whole on every rank)
+        return DeepSpeedCPUStrategy(stage=int(stage), param_persistence_threshold=None if variant == "persist" else 0,
                                     reduce_scatter=variant != "noscatter")
     return name
 
