@@ -174,61 +174,10 @@ class CrAM(Technique):
 
     def _second_pass_deepspeed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, zero: Any,
                                cram: CrAMOptimizer, batches: list[tuple[tuple, dict]]) -> None:
-        """:mod:`lightning_ext.optimizers.cram_deepspeed`: perturb the model parameters (ZeRO-1/2: replicated;
-        ZeRO-3: this rank's pieces) with the gathered pass-1 gradient, compute pass 2 with ``torch.autograd.grad``
-        outside the engine's gradient hooks (one all-reduce), restore, and write CrAM's gradient into this rank's
-        gradient partition."""
-        if hasattr(zero, "fp32_partitioned_groups_flat"):
-            return self._second_pass_zero3(trainer, pl_module, zero, cram, batches)
-        if not hasattr(zero, "bit16_groups") or not hasattr(zero, "dp_process_group"):
-            raise RuntimeError(f"CrAM under DeepSpeed needs a ZeRO optimizer; the engine runs "
-                               f"{type(zero).__name__} (DeepSpeed's BF16 optimizer), not supported")
-        params = cram_deepspeed.zero12_parameters(zero)
-        group = zero.dp_process_group
-        cram.perturb(params, cram_deepspeed.full_gradients(params, group))
-        flat, grads = cram_deepspeed.empty_gradients(params)
-        try:
-            self._autograd_pass_two(trainer, pl_module, params, grads, batches)
-            cram_deepspeed.average(flat, group)
-        finally:
-            cram.restore(grads)
-        cram_deepspeed.write_fragments(params, grads)
-
-    def _second_pass_zero3(self, trainer: pl.Trainer, pl_module: pl.LightningModule, zero: Any,
-                           cram: CrAMOptimizer, batches: list[tuple[tuple, dict]]) -> None:
-        import torch.distributed as dist
-
-        from lightning_ext.nn.sharded_masks import Collectives
-        from lightning_ext.optimizers import _sharding
-        from lightning_ext.optimizers.cram import LocalShards
-
-        params = cram_deepspeed.zero3_parameters(zero)
-        group = zero.dp_process_group
-        rank = dist.get_rank(group)
-        persistent = [i for i, p in enumerate(cram.prunable) if getattr(p, "ds_persist", False)]
-        if persistent:
-            raise RuntimeError("CrAM under DeepSpeed ZeRO-3 needs every prunable parameter partitioned; "
-                               f"{len(persistent)} are kept whole on every rank (below "
-                               "stage3_param_persistence_threshold). Set it to 0, e.g. "
-                               "DeepSpeedCPUStrategy(stage=3, param_persistence_threshold=0).")
-        pieces = cram_deepspeed.zero3_pieces(params, rank)
-        piece_of = {id(p): t for p, t in zip(params, pieces)}
-        comm = Collectives.of_group(group)
-        comm = dataclasses.replace(comm, all_reduce=lambda t: _sharding.all_reduce(t, group))
-        cram.local_shards = LocalShards([piece_of[id(p)] for p in cram.prunable],
-                                        [p.ds_numel for p in cram.prunable], comm)
-        try:
-            full = cram_deepspeed.zero3_full_gradients(params, rank, group)
-            cram.perturb(pieces, cram_deepspeed.zero3_pieces_of(params, full, rank))
-            flat, grads = cram_deepspeed.zero3_empty_gradients(params)
-            try:
-                self._autograd_pass_two(trainer, pl_module, params, grads, batches)
-                cram_deepspeed.average(flat, group)
-            finally:
-                cram.restore(cram_deepspeed.zero3_pieces_of(params, grads, rank))
-        finally:
-            cram.local_shards = None
-        cram_deepspeed.zero3_write_gradients(params, grads, rank)
+        """:func:`lightning_ext.optimizers.cram_deepspeed.second_pass`, pass 2 being the step's micro-batches
+        through the module with ``torch.autograd.grad``."""
+        cram_deepspeed.second_pass(
+            cram, zero, lambda params, grads: self._autograd_pass_two(trainer, pl_module, params, grads, batches))
 
     def _autograd_pass_two(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list,
                            grads: list[torch.Tensor], batches: list[tuple[tuple, dict]]) -> None:

@@ -179,3 +179,62 @@ def zero3_write_gradients(params: list[nn.Parameter], full: list[torch.Tensor], 
         value = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32)
         value[:valid] = grad.reshape(-1)[start:start + valid]
         safe_set_local_grad(p, value)
+
+
+# --- the whole second pass, for any caller -------------------------------------------------------------------
+
+def second_pass(cram, zero, pass_two) -> None:
+    """CrAM's second pass at a DeepSpeed engine's accumulation boundary, after pass 1's backward and before
+    ``engine.step()``: ``pass_two(params, grads)`` must add this rank's local pass-2 gradient of every parameter
+    into ``grads`` (full-shape fp32 views, in ``params`` order) without accumulating into ``.grad``
+    (``torch.autograd.grad``), with the loss scaled as pass 1's was. ``cram`` is the CrAM wrapper the engine's
+    ZeRO optimizer ``zero`` steps."""
+    if hasattr(zero, "fp32_partitioned_groups_flat"):
+        return _second_pass_zero3(cram, zero, pass_two)
+    if not hasattr(zero, "bit16_groups") or not hasattr(zero, "dp_process_group"):
+        raise RuntimeError(f"CrAM under DeepSpeed needs a ZeRO optimizer; the engine runs {type(zero).__name__} "
+                           "(DeepSpeed's BF16 optimizer), not supported")
+    params = zero12_parameters(zero)
+    group = zero.dp_process_group
+    cram.perturb(params, full_gradients(params, group))
+    flat, grads = empty_gradients(params)
+    try:
+        pass_two(params, grads)
+        average(flat, group)
+    finally:
+        cram.restore(grads)
+    write_fragments(params, grads)
+
+
+def _second_pass_zero3(cram, zero, pass_two) -> None:
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from lightning_ext.nn.sharded_masks import Collectives
+    from lightning_ext.optimizers.cram import LocalShards
+
+    params = zero3_parameters(zero)
+    group = zero.dp_process_group
+    rank = dist.get_rank(group)
+    persistent = [p for p in cram.prunable if getattr(p, "ds_persist", False)]
+    if persistent:
+        raise RuntimeError("CrAM under DeepSpeed ZeRO-3 needs every prunable parameter partitioned; "
+                           f"{len(persistent)} are kept whole on every rank (below stage3_param_persistence_threshold). "
+                           "Set it to 0, e.g. DeepSpeedCPUStrategy(stage=3, param_persistence_threshold=0).")
+    pieces = zero3_pieces(params, rank)
+    piece_of = {id(p): t for p, t in zip(params, pieces)}
+    comm = dataclasses.replace(Collectives.of_group(group), all_reduce=lambda t: _sharding.all_reduce(t, group))
+    cram.local_shards = LocalShards([piece_of[id(p)] for p in cram.prunable], [p.ds_numel for p in cram.prunable],
+                                    comm)
+    try:
+        cram.perturb(pieces, zero3_pieces_of(params, zero3_full_gradients(params, rank, group), rank))
+        flat, grads = zero3_empty_gradients(params)
+        try:
+            pass_two(params, grads)
+            average(flat, group)
+        finally:
+            cram.restore(zero3_pieces_of(params, grads, rank))
+    finally:
+        cram.local_shards = None
+    zero3_write_gradients(params, grads, rank)
