@@ -94,6 +94,15 @@ def test_cram_under_zero2_with_and_without_reduce_scatter_equals_one_process_in_
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_cram_nm_under_zero3_equals_one_process(tmp_path, launches):
+    """N:M compression under ZeRO-3, where flat partition boundaries cut groups of M: the gathered partitions give
+    the unsharded masks, and the run equals one process."""
+    entry = BY_NAME["cram_nm"]
+    assert sharded_difference(entry, launches.get("deepspeed_cpu_stage_3", "straight", [entry]), tmp_path) < TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_cram_under_zero3_refuses_a_prunable_parameter_kept_whole(launches):
     """With DeepSpeed's default persistence threshold the small test model's matrices stay whole on every rank
     outside the partitions; CrAM's pieces would then not cover them once, so it refuses at its first step, naming
@@ -141,7 +150,7 @@ def test_shard_layout_read_from_deepspeed_matches_its_fp32_partitions(tmp_path, 
 
 SHARDED = [(name, stage, ()) for name in ("AdamP", "SGDP", "FAdam", "LAWN") for stage in (1, 2)]
 SHARDED += [(name, 3, ()) for name in ("AdamP", "SGDP", "FAdam", "LAWN")]
-SHARDED += [(name, 2, ("noscatter",)) for name in ("AdamP", "LAWN")]  # ZeRO-2 reducing gradients by all-reduce
+SHARDED += [(name, 2, ("noscatter",)) for name in ("AdamP", "SGDP", "FAdam", "LAWN")]  # gradients by all-reduce
 
 
 def _sharded_run(tmp_path, stage: int, name: str, *extra: str, collectives: bool = False):

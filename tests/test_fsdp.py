@@ -46,6 +46,14 @@ def test_fsdp_resume_after_sigkill_is_exact(entry, launches):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_cram_nm_under_fsdp_equals_one_process(tmp_path, launches):
+    """N:M compression on FSDP2's dim-0 shards (rows whole, groups local) equals one process."""
+    entry = BY_NAME["cram_nm"]
+    assert sharded_difference(entry, launches.get("fsdp_cpu", "straight", [entry]), tmp_path) < TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["adamp", "cram"])
 def test_a_shard_local_optimizer_fails_under_fsdp(tmp_path, launches, name):
     """Negative controls: AdamP with its per-row statistics summed over each rank's own rows only (the all-reduce

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from harness import ddp_rank_states, differences, initial_parameters, one_process_parameters, worst_difference
-from registry import BY_NAME, REGISTRY
+from registry import BY_NAME, REGISTRY, VARIANTS
 
 TOLERANCE = 1e-5
 FLOOR = 1e-6  # torch AdamW (baseline_adamw) must stay below this: the margin the tolerance leaves
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("entry", REGISTRY, ids=lambda e: e.name)
+@pytest.mark.parametrize("entry", REGISTRY + VARIANTS, ids=lambda e: e.name)
 def test_two_ranks_agree_and_equal_one_process(entry, tmp_path):
     precision = {"precision": entry.equality_precision}
     r0, r1 = ddp_rank_states(entry, tmp_path, **precision)

@@ -22,9 +22,10 @@ Where we differ from the reference code (``IST-DASLab/CrAM`` b89d9ff), on purpos
 
 * parameters are restored with ``copy_`` (the reference rebinds ``p.data``, which breaks flat
   parameters and CUDA graphs);
-* masks are boolean and, with the backup and the clean gradient, freed after the step — the
-  state dict is the base optimizer's, and loading it restores the base's momentum (the reference
-  loses SGD's momentum on resume);
+* masks are boolean and freed after the step; the backup and the clean gradient live in buffers
+  reused every step (allocated once: fresh parameter-sized tensors page-fault on CPU), outside the
+  state dict — the state dict is the base optimizer's, and loading it restores the base's momentum
+  (the reference loses SGD's momentum on resume);
 * the sparsity draw is seeded by the step counter so every DDP rank compresses alike (the
   reference samples from NumPy's global RNG, which diverges across processes);
 * top-k keeps exactly ceil(n (1 - k)) weights (the reference's percentile keeps one fewer);
@@ -42,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,8 @@ class LocalShards:
     local: list[torch.Tensor]
     full_numels: list[int]
     comm: Collectives
+    #: (n, m) -> the N:M masks of the local pieces (the caller gathers what groups cut by a boundary need)
+    nm_masks: Callable[[int, int], list[torch.Tensor | None]]
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -190,6 +193,7 @@ class CrAM(WrapperOptimizer):
         #: this rank's flat pieces of the prunable tensors where neither they nor DTensors say it (DeepSpeed
         #: ZeRO-3's partitions), set by lightning_ext.optimizers.cram_deepspeed for the step
         self.local_shards: LocalShards | None = None
+        self._buffers: dict[str, list[torch.Tensor]] = {}
 
     def _draw(self) -> float | tuple[int, int]:
         rng = random.Random(self.seed * 1_000_003 + self._steps)  # identical on every rank
@@ -216,11 +220,9 @@ class CrAM(WrapperOptimizer):
         masks of this rank's local shards, equal to the slices of the unsharded masks
         (:mod:`lightning_ext.nn.sharded_masks`)."""
         if self.local_shards is not None:
-            if self.compression == "nm":
-                raise RuntimeError("CrAM compression='nm' on flat partitions (DeepSpeed ZeRO-3) is not supported: "
-                                   "its groups of M may be cut by a partition boundary. Use compression='topk', or "
-                                   "ZeRO-1/2, DDP or fsdp_cpu (FSDP2).")
             shards = self.local_shards
+            if self.compression == "nm":  # groups of M may be cut by a flat partition boundary
+                return shards.nm_masks(*level)
             return sharded_topk_masks(shards.local, shards.full_numels, level, self.scope, shards.comm)
         comm = self._collectives()
         if comm is not None:
@@ -253,8 +255,11 @@ class CrAM(WrapperOptimizer):
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             grads = [p.grad for p in params]
         local, grads = [_local(p) for p in params], [_local(g) for g in grads]
-        clean = [g.clone() for g in grads] if self.plus else None
-        backup = [t.clone() for t in local]
+        clean = self._kept("clean", grads) if self.plus else None
+        if clean is not None:
+            torch._foreach_copy_(clean, grads)
+        backup = self._kept("backup", local)
+        torch._foreach_copy_(backup, local)
         if self.rho > 0:
             if self.grad_norm:
                 squares = torch.stack([torch.linalg.vector_norm(g) ** 2 for g in grads]).sum() if grads \
@@ -272,6 +277,16 @@ class CrAM(WrapperOptimizer):
             if mask is not None:
                 target.mul_(mask)
         self._pending = (params, backup, clean, masks)
+
+    def _kept(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Buffers shaped like ``like``, allocated on first use and reused every step: on CPU a fresh
+        parameter-sized tensor costs page faults on every step (backup and clean gradient: 2 copies of the
+        model, which the step needs at its peak anyway)."""
+        kept = self._buffers.get(key)
+        if kept is None or len(kept) != len(like) or any(
+                k.shape != t.shape or k.dtype != t.dtype or k.device != t.device for k, t in zip(kept, like)):
+            kept = self._buffers[key] = [torch.empty_like(t) for t in like]
+        return kept
 
     def _mask_targets(self) -> list[torch.Tensor]:
         """What the masks apply to: each prunable tensor's local piece (also the key of its gradient in

@@ -22,7 +22,7 @@ and CrAM restores the model's parameters from its own copy before that.
 **ZeRO-3** partitions the parameters too: CrAM perturbs and compresses this rank's piece of each (a view of its
 ``ds_tensor``, which the next forward all-gathers; a persistent parameter, kept whole on every rank, whole), with
 the global top-k threshold found across the pieces (:mod:`lightning_ext.nn.sharded_masks`, 4 all-reduces in
-fp32); the gradients are read and written per partition (``safe_get_local_grad`` / ``safe_set_local_grad``).
+fp32), N:M masks from the all-gathered prunable partitions (a group of M can be cut by a boundary); the gradients are read and written per partition (``safe_get_local_grad`` / ``safe_set_local_grad``).
 The two gradient buffers are the size of the whole model on every rank (as the reduced gradient of a ZeRO-1/2
 step is before partitioning): CrAM under ZeRO-3 saves the parameters' and optimizer state's memory, not the
 gradients'. A prunable parameter must be partitioned (``stage3_param_persistence_threshold: 0`` for small
@@ -226,7 +226,7 @@ def _second_pass_zero3(cram, zero, pass_two) -> None:
     piece_of = {id(p): t for p, t in zip(params, pieces)}
     comm = dataclasses.replace(Collectives.of_group(group), all_reduce=lambda t: _sharding.all_reduce(t, group))
     cram.local_shards = LocalShards([piece_of[id(p)] for p in cram.prunable], [p.ds_numel for p in cram.prunable],
-                                    comm)
+                                    comm, lambda n, m: zero3_nm_masks(cram.prunable, rank, group, n, m))
     try:
         cram.perturb(pieces, zero3_pieces_of(params, zero3_full_gradients(params, rank, group), rank))
         flat, grads = zero3_empty_gradients(params)
@@ -238,3 +238,28 @@ def _second_pass_zero3(cram, zero, pass_two) -> None:
     finally:
         cram.local_shards = None
     zero3_write_gradients(params, grads, rank)
+
+
+@torch.no_grad()
+def zero3_nm_masks(params: list[nn.Parameter], rank: int, group, n: int, m: int) -> list[torch.Tensor | None]:
+    """N:M masks of this rank's pieces of ZeRO-3 partitioned parameters: a group of M can be cut by a partition
+    boundary, so the partitions (equal-size, padded) of every prunable parameter are all-gathered in one
+    collective, each full tensor is masked (:func:`lightning_ext.nn.pruning.nm_mask`) and this rank keeps its
+    piece of the mask (``None`` where the tensor does not tile into groups of M)."""
+    import torch.distributed as dist
+
+    from lightning_ext.nn.pruning import nm_mask
+
+    world = dist.get_world_size(group)
+    local = torch.cat([p.ds_tensor.data.reshape(-1) for p in params])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    masks, at = [], 0
+    for p in params:
+        part = p.ds_tensor.numel()
+        full = torch.cat([g[at:at + part] for g in gathered])[:p.ds_numel].view(p.ds_shape)
+        mask = nm_mask(full, n, m)
+        start, valid = _span(p, rank)
+        masks.append(None if mask is None else mask.reshape(-1)[start:start + valid])
+        at += part
+    return masks
