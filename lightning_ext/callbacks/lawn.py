@@ -78,3 +78,28 @@ class LAWN(Technique):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         log_diagnostics(pl_module, self.optimizers)
+
+    def state_dict(self) -> dict:
+        """The technique state, plus under DeepSpeed each optimizer's recorded partition radii (identical on every
+        rank; DeepSpeed's optimizer checkpoint has no place for them)."""
+        state = super().state_dict()
+        radii = [opt.partition_radii() for opt in self.optimizers]
+        if any(radii):
+            state["partition_radii"] = radii
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        self._pending_radii = state.pop("partition_radii", None)
+        super().load_state_dict(state)
+        self._apply_radii()
+
+    def _apply_radii(self) -> None:
+        pending = getattr(self, "_pending_radii", None)
+        if pending and len(pending) == len(self.optimizers):
+            for opt, radii in zip(self.optimizers, pending):
+                opt.load_partition_radii(radii)
+            self._pending_radii = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_radii()  # state restored before the optimizers existed

@@ -40,8 +40,10 @@ partitions themselves: norms, radii and the gradient projection from per-row / p
 (:mod:`.shard_layout`, one all-reduce per round), the rescale applied to the partition. Under FSDP2 the
 constrained tensors are DTensors and the plain step runs on them (DTensor reductions are exact). Elsewhere
 (another flattening wrapper) the step refuses when the constrained tensors are no longer in the param groups.
-Under DeepSpeed the radii are not in the checkpoint yet: a resumed run re-reads them from the weights at its
-first constrained step.
+Under DeepSpeed the radii are not in the optimizer's checkpoint (DeepSpeed saves the base's state per flat
+partition): :meth:`LAWN.partition_radii` gives them, and the callback saves them with its own state, so a resume
+is bit-exact; the YAML ``optimizer:`` form (no callback) re-reads them from the weights at the first constrained
+step after a resume, equal up to rounding.
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ class LAWN(WrapperOptimizer):
                     lawn_shard_project_grad_(layout, flat, grad, stats, norm_scope=self.norm_scope, constrained=mask)
             if first:
                 self._radii = self._radii_of_constrained()
+        elif constrained_phase and self._radii is None:  # radii restored from a checkpoint (partition_radii)
+            self._radii = self._radii_of_constrained()
         self.base.step()
         stage3 = not hasattr(zero, "single_partition_of_fp32_groups")
         if not stage3 or any(key == len(zero.fp16_groups) - 1 for _, key, *_ in groups):
@@ -197,6 +201,18 @@ class LAWN(WrapperOptimizer):
                 _sharding.all_reduce(stats, pg)
                 lawn_shard_rescale_(layout, flat, group_radii[key], stats, norm_scope=self.norm_scope,
                                     constraint=self.constraint, constrained=mask)
+
+    def partition_radii(self) -> dict[int, torch.Tensor]:
+        """Under DeepSpeed: the recorded radii of every row (or tensor) of each fp32 partition's parameters, by
+        partition key. They are norms summed over the ranks, so every rank holds the same values: a checkpoint
+        written by one rank restores them on all (``lightning_ext.callbacks.LAWN`` saves them)."""
+        return {key: radii.clone() for key, radii in self.__dict__.get("_group_radii", {}).items()}
+
+    def load_partition_radii(self, radii: dict[int, torch.Tensor]) -> None:
+        """Restore :meth:`partition_radii` (then the first constrained step after a resume does not re-read them
+        from the weights, which would equal them only up to rounding)."""
+        self.__dict__["_group_radii"] = {int(key): value.clone() for key, value in radii.items()}
+        self._radii = None
 
     def _partition(self, zero, index: int, flat: torch.Tensor):
         """(key, member parameter ids, layout, constrained mask, process group) of a flat fp32 partition (see
