@@ -26,12 +26,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
-def kth_smallest(values: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.Tensor:
+def kth_smallest(values: torch.Tensor, k: int, sample: int = 1 << 16,
+                 workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Exactly ``torch.kthvalue(values, k).values`` (``k`` is 1-based) of a flat tensor, faster on large ones.
 
     A strided subsample gives a bracket ``[lo, hi]`` around the target quantile (± 6 standard errors of
     a sample quantile); one counting pass ranks ``lo``, and ``kthvalue`` runs on the bracketed values
     only. If the bracket misses (adversarial orderings), it falls back to ``kthvalue`` on everything.
+    ``workspace``: two bool buffers the size of ``values`` for the comparisons (a caller that selects every
+    step keeps them: fresh model-sized temporaries page-fault on CPU, 20 -> 75 ms at 2.3 M values).
     """
     n = values.numel()
     if not 1 <= k <= n:
@@ -44,8 +47,10 @@ def kth_smallest(values: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.T
     margin = 6 * math.sqrt(q * (1 - q) / m) + 2 / m
     lo_rank, hi_rank = max(1, math.floor((q - margin) * m)), min(m, math.ceil((q + margin) * m))
     lo, hi = torch.kthvalue(sub, lo_rank).values, torch.kthvalue(sub, hi_rank).values
-    below = int((values < lo).sum())
-    inside = values[(values >= lo) & (values <= hi)]
+    below_lo, upto_hi = workspace if workspace is not None else (torch.empty_like(values, dtype=torch.bool),
+                                                                 torch.empty_like(values, dtype=torch.bool))
+    below = int(torch.lt(values, lo, out=below_lo).sum())
+    inside = values[torch.le(values, hi, out=upto_hi).logical_xor_(below_lo)]  # lo <= v <= hi (lo <= hi)
     rank = k - below
     if 1 <= rank <= inside.numel():
         return torch.kthvalue(inside, rank).values

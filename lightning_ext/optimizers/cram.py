@@ -41,6 +41,7 @@ closure call); ``step`` returns pass 1's.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -51,7 +52,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_ext._checks import check_bool, check_choice, check_int, check_number
-from lightning_ext.nn.pruning import batchnorm_modules, frozen_batchnorm_stats, nm_mask, topk_masks
+from lightning_ext.nn.pruning import batchnorm_modules, frozen_batchnorm_stats, kth_smallest, nm_mask, topk_masks
 from lightning_ext.nn.sharded_masks import Collectives, sharded_nm_masks, sharded_topk_masks
 from lightning_ext.optimizers import _sharding
 from lightning_ext.optimizers._wrapper import WrapperOptimizer, evaluate_closure
@@ -232,7 +233,31 @@ class CrAM(WrapperOptimizer):
             return sharded_topk_masks(local, [p.numel() for p in self.prunable], level, self.scope, comm)
         if self.compression == "nm":
             return [nm_mask(p, *level) for p in self.prunable]
+        if self.scope == "global" and self.prunable:
+            return self._global_topk_masks(level)
         return list(topk_masks(self.prunable, level, self.scope))
+
+    def _global_topk_masks(self, sparsity: float) -> list[torch.Tensor]:
+        """:func:`lightning_ext.nn.pruning.topk_masks` (global scope) into buffers kept across steps: the
+        magnitudes are gathered into one flat buffer, thresholded once, and the masks compared from its slices —
+        no fresh model-sized tensors (on CPU their page faults cost more than the arithmetic)."""
+        tensors = [p.detach() for p in self.prunable]
+        first = tensors[0]
+        (flat,) = self._kept_as("magnitudes", [(torch.Size([sum(t.numel() for t in tensors)]), first.dtype,
+                                                first.device)])
+        masks = self._kept_as("masks", [(t.shape, torch.bool, t.device) for t in tensors])
+        torch.cat([t.reshape(-1) for t in tensors], out=flat)
+        flat.abs_()
+        drop = flat.numel() - math.ceil(flat.numel() * (1.0 - sparsity))
+        if drop == 0:
+            return [m.fill_(True) for m in masks]
+        workspace = self._kept_as("selection", [(flat.shape, torch.bool, flat.device)] * 2)
+        threshold = kth_smallest(flat, drop, workspace=(workspace[0], workspace[1]))
+        at = 0
+        for t, mask in zip(tensors, masks):
+            torch.gt(flat[at:at + t.numel()].view_as(t), threshold, out=mask)
+            at += t.numel()
+        return masks
 
     def diagnostics(self) -> dict[str, float]:
         """What a logger records each step: the sparsity drawn for the last step's perturbation
@@ -282,10 +307,12 @@ class CrAM(WrapperOptimizer):
         """Buffers shaped like ``like``, allocated on first use and reused every step: on CPU a fresh
         parameter-sized tensor costs page faults on every step (backup and clean gradient: 2 copies of the
         model, which the step needs at its peak anyway)."""
+        return self._kept_as(key, [(t.shape, t.dtype, t.device) for t in like])
+
+    def _kept_as(self, key: str, specs: list[tuple[torch.Size, torch.dtype, torch.device]]) -> list[torch.Tensor]:
         kept = self._buffers.get(key)
-        if kept is None or len(kept) != len(like) or any(
-                k.shape != t.shape or k.dtype != t.dtype or k.device != t.device for k, t in zip(kept, like)):
-            kept = self._buffers[key] = [torch.empty_like(t) for t in like]
+        if kept is None or [(k.shape, k.dtype, k.device) for k in kept] != specs:
+            kept = self._buffers[key] = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in specs]
         return kept
 
     def _mask_targets(self) -> list[torch.Tensor]:
