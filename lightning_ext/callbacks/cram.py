@@ -22,10 +22,12 @@ the closure once and step without it):
 
 So CrAM works with ``accumulate_grad_batches > 1`` (all micro-batches of pass 1, then all of pass 2),
 ``16-mixed``, ``bf16-mixed``, DDP and FSDP2 (``fsdp_cpu``: masks on the local dim-0 shards equal to the
-unsharded masks, :mod:`lightning_ext.nn.sharded_masks`). Refused at setup, naming both parts: DeepSpeed
-(its engine keeps the reduced gradients in its own partitioned buffers; not yet supported), ``bf16-true``
-and ``16-true`` (half-precision weights), and manual optimization (no optimizer step of Lightning's to
-hook into). Other callbacks' ``training_step`` wrappers run in both passes, as they do with the closure.
+unsharded masks, :mod:`lightning_ext.nn.sharded_masks`). Under DeepSpeed ZeRO-1/2/3 the engine keeps the
+reduced gradients in its own partitions, so pass 2 is taken with ``torch.autograd.grad`` outside its hooks at
+the engine's accumulation boundary and written into those partitions
+(:mod:`lightning_ext.optimizers.cram_deepspeed`). Refused at setup, naming both parts: FSDP1 (flat
+parameters), ``bf16-true`` and ``16-true`` (half-precision weights), and manual optimization (no optimizer
+step of Lightning's to hook into). Other callbacks' ``training_step`` wrappers run in both passes, as they do with the closure.
 """
 
 from __future__ import annotations
@@ -186,18 +188,24 @@ class CrAM(Technique):
         gradient hooks do not fire). Pass 1's loss went through Lightning's division by
         ``accumulate_grad_batches`` and the engine's by its ``gradient_accumulation_steps``: so does this one."""
         scale = 1.0 / (trainer.accumulate_grad_batches * trainer.strategy.model.gradient_accumulation_steps())
+        with self._second_pass():
+            for args, kwargs in batches:
+                with trainer.precision_plugin.train_step_context(), torch.enable_grad():
+                    loss = _loss_of(pl_module.training_step(*args, **kwargs))
+                    if loss is None:
+                        continue
+                    step = torch.autograd.grad(loss * scale, params, allow_unused=True)
+                for view, grad in zip(grads, step):
+                    if grad is not None:
+                        view.add_(grad.reshape(view.shape))
+
+    @contextlib.contextmanager
+    def _second_pass(self):
+        """While pass 2 replays: ``training_step`` calls are not recorded, BatchNorm statistics are frozen."""
         self._replaying = True
         try:
             with frozen_batchnorm_stats(self._batchnorm):
-                for args, kwargs in batches:
-                    with trainer.precision_plugin.train_step_context(), torch.enable_grad():
-                        loss = _loss_of(pl_module.training_step(*args, **kwargs))
-                        if loss is None:
-                            continue
-                        step = torch.autograd.grad(loss * scale, params, allow_unused=True)
-                    for view, grad in zip(grads, step):
-                        if grad is not None:
-                            view.add_(grad.reshape(view.shape))
+                yield
         finally:
             self._replaying = False
 
@@ -205,19 +213,14 @@ class CrAM(Technique):
         """Pass 2: the step's micro-batches again, through the strategy (its wrapped model, loss scaling and
         gradient reduction), BatchNorm statistics frozen."""
         strategy = trainer.strategy
-        self._replaying = True
-        try:
-            with frozen_batchnorm_stats(self._batchnorm):
-                for i, (args, kwargs) in enumerate(batches):
-                    last = i == len(batches) - 1
-                    block = getattr(strategy, "block_backward_sync", None)
-                    with contextlib.nullcontext() if last or block is None else block():
-                        with torch.enable_grad():
-                            loss = _loss_of(strategy.training_step(*args, **kwargs))
-                            if loss is not None:
-                                strategy.backward(loss / trainer.accumulate_grad_batches, optimizer)
-        finally:
-            self._replaying = False
+        block = getattr(strategy, "block_backward_sync", None)
+        with self._second_pass():
+            for i, (args, kwargs) in enumerate(batches):
+                last = i == len(batches) - 1
+                with contextlib.nullcontext() if last or block is None else block(), torch.enable_grad():
+                    loss = _loss_of(strategy.training_step(*args, **kwargs))
+                    if loss is not None:
+                        strategy.backward(loss / trainer.accumulate_grad_batches, optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -244,8 +247,7 @@ def _unscale_second_pass(trainer: pl.Trainer, optimizer: Any, cram: CrAMOptimize
     if not grads:
         return
     found_inf = torch.zeros(1, device=grads[0].device)
-    inv_scale = scaler.get_scale() ** -1 if isinstance(scaler.get_scale(), float) else scaler.get_scale().reciprocal()
-    inv = torch.full((1,), float(inv_scale), device=grads[0].device)
+    inv = torch.full((1,), 1.0 / float(scaler.get_scale()), device=grads[0].device)
     torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
     state = scaler._per_optimizer_states[id(optimizer)]  # noqa: SLF001 - see the docstring
     found = state.get("found_inf_per_device")

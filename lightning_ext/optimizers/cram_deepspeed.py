@@ -32,6 +32,8 @@ replace by a no-op for the shard-local negative control.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -43,12 +45,14 @@ def zero12_parameters(zero) -> list[nn.Parameter]:
     return [p for group in zero.bit16_groups for p in group]
 
 
-def _flat_views(params: list[nn.Parameter], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    flat = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+def _flat_views(shapes: list[torch.Size], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A zero fp32 buffer holding tensors of ``shapes`` one after another, and its view of each."""
+    numels = [math.prod(shape) for shape in shapes]
+    flat = torch.zeros(sum(numels), dtype=torch.float32, device=device)
     views, at = [], 0
-    for p in params:
-        views.append(flat[at:at + p.numel()].view(p.shape))
-        at += p.numel()
+    for shape, numel in zip(shapes, numels):
+        views.append(flat[at:at + numel].view(shape))
+        at += numel
     return flat, views
 
 
@@ -64,7 +68,7 @@ def _fragment(p: nn.Parameter) -> tuple[torch.Tensor, int, int] | None:
 @torch.no_grad()
 def full_gradients(params: list[nn.Parameter], group) -> list[torch.Tensor]:
     """Pass 1's averaged gradient of every parameter, whole on every rank (one all-reduce of the fragments)."""
-    flat, views = _flat_views(params, torch.float32)
+    flat, views = empty_gradients(params)
     for p, view in zip(params, views):
         held = _fragment(p)
         if held is not None:
@@ -76,7 +80,7 @@ def full_gradients(params: list[nn.Parameter], group) -> list[torch.Tensor]:
 
 def empty_gradients(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A zero fp32 buffer for pass 2's gradients and its per-parameter views."""
-    return _flat_views(params, torch.float32)
+    return _flat_views([p.shape for p in params], params[0].device)
 
 
 @torch.no_grad()
@@ -132,7 +136,7 @@ def zero3_full_gradients(params: list[nn.Parameter], rank: int, group) -> list[t
     gradient (``safe_get_local_grad``) into a zero buffer, one all-reduce (sum)."""
     from deepspeed.utils import safe_get_local_grad
 
-    flat, views = _flat_views_of(params)
+    flat, views = zero3_empty_gradients(params)
     for p, view in zip(params, views):
         start, valid = _span(p, rank)
         local = safe_get_local_grad(p)
@@ -142,18 +146,9 @@ def zero3_full_gradients(params: list[nn.Parameter], rank: int, group) -> list[t
     return views
 
 
-def _flat_views_of(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    flat = torch.zeros(sum(p.ds_numel for p in params), dtype=torch.float32)
-    views, at = [], 0
-    for p in params:
-        views.append(flat[at:at + p.ds_numel].view(p.ds_shape))
-        at += p.ds_numel
-    return flat, views
-
-
 def zero3_empty_gradients(params: list[nn.Parameter]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A zero fp32 buffer for pass 2's full gradients (by ``ds_shape``) and its per-parameter views."""
-    return _flat_views_of(params)
+    return _flat_views([torch.Size(p.ds_shape) for p in params], params[0].ds_tensor.device)
 
 
 def zero3_pieces_of(params: list[nn.Parameter], full: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
