@@ -95,6 +95,21 @@ def fit(entry: Entry, root: Path, max_steps: int, ckpt_path: str | None = None,
     return trainer
 
 
+def accumulation_settings(entry: Entry, world_size: int, accumulate: int) -> dict[str, Any]:
+    """Trainer arguments that accumulate ``accumulate`` micro-batches per step over whole steps only: each
+    epoch is cut to a multiple of ``accumulate`` micro-batches (Lightning otherwise steps on the micro-batches
+    left at an epoch's end). The same count for ``world_size`` processes and for one process on their global
+    batch (``batch_scale=world_size``): both read len(dataset) // (world_size x batch) batches per epoch
+    (drop_last on both sides). Counted from the dataset, not from a dataloader, whose sampler would see the
+    process group of an earlier run in the same process."""
+    if accumulate == 1:
+        return {}
+    data = entry.data()
+    data.setup("fit")
+    per_epoch = len(data.train_set) // (world_size * data.batch_size)
+    return {"accumulate_grad_batches": accumulate, "limit_train_batches": per_epoch - per_epoch % accumulate}
+
+
 def resume_differences(entry: Entry, root: Path) -> list[str]:
     """Train ``entry.steps`` straight through; separately stop at ``entry.resume_at`` (checkpoint),
     resume in fresh objects and finish. Returns where the two end states differ."""
@@ -279,10 +294,11 @@ class Launches:
         return self.done[key]
 
 
-def sharded_difference(entry: Entry, launch: Launch, root: Path) -> float:
+def sharded_difference(entry: Entry, launch: Launch, root: Path, **kwargs: Any) -> float:
     """Check ``entry`` in a 2-process sharded launch: it ended cleanly, the ranks agree bit for bit, the weights
     are finite and moved; returns max |its full weights - the reference| (``entry.sharded_reference``: one
-    process on the global batch, or 2 DDP processes)."""
+    process on the global batch, or 2 DDP processes; ``kwargs`` go to the reference's Trainer, as the launch's
+    own settings went to its runs)."""
     r0, r1 = launch.states(entry)
     assert r0["world_size"] == 2 and r0["global_step"] == entry.steps
     assert differences(r0["params"], r1["params"]) == [] and differences(r0["callbacks"], r1["callbacks"]) == []
@@ -291,9 +307,9 @@ def sharded_difference(entry: Entry, launch: Launch, root: Path) -> float:
     common = [n for n in initial if n in r0["params"]]
     assert common and any(not torch.equal(r0["params"][n], initial[n]) for n in common), "nothing trained"
     if entry.sharded_reference == "ddp":  # 2 DDP processes, equal to one process in float64 (test_ranks)
-        reference = ddp_rank_states(entry, root / "ddp")[0]["params"]
+        reference = ddp_rank_states(entry, root / "ddp", **kwargs)[0]["params"]
     else:  # one process, unsharded, on the global batch
-        reference = one_process_parameters(entry, root / "one", 2)
+        reference = one_process_parameters(entry, root / "one", 2, **kwargs)
     return worst_difference(r0["params"], reference)
 
 

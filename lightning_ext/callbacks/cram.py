@@ -186,8 +186,11 @@ class CrAM(Technique):
         """Pass 2's local gradient, summed into ``grads``: the step's micro-batches through the module, the
         gradients taken with ``torch.autograd.grad`` (nothing accumulates into ``.grad``, so the engine's
         gradient hooks do not fire). Pass 1's loss went through Lightning's division by
-        ``accumulate_grad_batches`` and the engine's by its ``gradient_accumulation_steps``: so does this one."""
-        scale = 1.0 / (trainer.accumulate_grad_batches * trainer.strategy.model.gradient_accumulation_steps())
+        ``accumulate_grad_batches`` and — under Lightning's own DeepSpeed strategy, not ``deepspeed_cpu`` — the
+        engine's by its ``gradient_accumulation_steps``: so does this one."""
+        scale = 1.0 / trainer.accumulate_grad_batches
+        if getattr(trainer.strategy, "engine_scales_loss", True):
+            scale /= trainer.strategy.model.gradient_accumulation_steps()
         with self._second_pass():
             for args, kwargs in batches:
                 with trainer.precision_plugin.train_step_context(), torch.enable_grad():

@@ -18,6 +18,7 @@ A refusal at setup is written to ``OUT/<entry>/<mode>-errors/error<r>.txt`` and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -70,7 +71,13 @@ def main() -> int:
                         help="negative control: the sharded optimizers' statistics without their all-reduce")
     parser.add_argument("--count-collectives", action="store_true",
                         help="write OUT/<entry>/collectives<rank>.json: the statistic all-reduces of the run")
+    parser.add_argument("--engine-scales-loss", action="store_true",
+                        help="negative control: DeepSpeed's backward divides by accumulate_grad_batches a second "
+                             "time, as under Lightning's own DeepSpeed strategy")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="accumulate_grad_batches, over whole steps only (harness.accumulation_settings)")
+    parser.add_argument("--steps", type=int, default=0, help="train this many steps instead of entry.steps")
     args = parser.parse_args()
     from lightning_ext.optimizers import _sharding
 
@@ -86,15 +93,25 @@ def main() -> int:
         reduce = _sharding.all_reduce
         _sharding.all_reduce = lambda tensor, group: (calls.append(tensor.numel()), reduce(tensor, group))
 
+    if args.engine_scales_loss:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        from lightning_ext.strategies import DeepSpeedCPUStrategy
+
+        DeepSpeedCPUStrategy.backward, DeepSpeedCPUStrategy.engine_scales_loss = DeepSpeedStrategy.backward, True
+
     logging.getLogger("lightning").setLevel(logging.WARNING)
     import lightning_ext.strategies  # noqa: F401  (registers deepspeed_cpu*, fsdp_cpu)
-    from harness import DumpRankState, fit
+    from harness import DumpRankState, accumulation_settings, fit
     from registry import BY_NAME, REGISTRY
 
     entries = [BY_NAME[n] for n in args.entries.split(",")] if args.entries else REGISTRY
-    quiet = dict(val_check_interval=None, limit_val_batches=0, devices=2, precision=args.precision)
+    if args.steps:
+        entries = [dataclasses.replace(e, steps=args.steps) for e in entries]
     rank = os.environ.get("LOCAL_RANK", "0")
     for i, entry in enumerate(entries):
+        quiet = dict(val_check_interval=None, limit_val_batches=0, devices=2, precision=args.precision,
+                     **accumulation_settings(entry, 2, args.accumulate))
         out = args.out / entry.name
         calls.clear()
         try:
