@@ -119,6 +119,12 @@ class CLNP(Technique):
             raise RuntimeError("CLNP with FSDP is not supported: pruning and freezing rewrite weight rows and "
                                "masks outside the forward, where FSDP holds only each rank's shard. Use DDP or "
                                "DeepSpeed ZeRO-1/2/3.")
+        info = strategy_info(trainer)
+        if info.is_deepspeed and str(trainer.precision) != "32-true":
+            raise RuntimeError(f"CLNP with {info} and precision={trainer.precision!r} is not supported: "
+                               "DeepSpeed then holds the weights in reduced precision, and CLNP's frozen rows and "
+                               "activity masks, written outside the engine, stay float32. Use precision='32-true' "
+                               "under DeepSpeed, or DDP with bf16-mixed.")
         self.prepare(pl_module)
         task = self._task_of(trainer)
         if task >= len(self.heads):

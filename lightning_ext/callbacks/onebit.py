@@ -178,7 +178,10 @@ class OneBit(Technique):
                     output = original(*args, **kwargs)
                     with torch.no_grad():
                         if self._captured:
-                            teacher_out = self.teacher(*self._captured["args"], **self._captured["kwargs"])
+                            # the teacher keeps its own precision (fp32), whatever the engine made of the
+                            # student (DeepSpeed's bf16 hands it bf16 inputs)
+                            teacher_out = self.teacher(*_as_dtype(self._captured["args"], self._teacher_dtype),
+                                                       **_as_dtype(self._captured["kwargs"], self._teacher_dtype))
                 finally:
                     self._recording = False
                 if not self._captured:
@@ -194,9 +197,17 @@ class OneBit(Technique):
                 return total if isinstance(output, torch.Tensor) else {**output, "loss": total}
             return training_step
 
+        self._teacher_dtype = next(self.teacher.parameters()).dtype
         self._wrapped = (pl_module, wrap_training_step(pl_module, wrap))
 
     @staticmethod
     def export(model: nn.Module) -> dict[str, OneBitPacked]:
         """Pack every :class:`OneBitLinear` (8 signs per byte + g, h): same outputs, buffers only."""
         return export_packed(model)
+
+
+def _as_dtype(inputs: Any, dtype: torch.dtype) -> Any:
+    """``inputs`` with every floating-point tensor cast to ``dtype`` (others untouched)."""
+    from lightning.fabric.utilities.apply_func import apply_to_collection
+
+    return apply_to_collection(inputs, torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
