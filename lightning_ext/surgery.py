@@ -9,11 +9,18 @@ module classes or their import paths (``"torch.nn.Linear"``, usable from YAML).
 raises leaves the model exactly as it was; a replacement that reuses the old module's
 ``Parameter`` objects keeps their identity (and their optimizer state, if any). Composer's
 ``module_surgery`` is the example this follows; no library offers it for plain torch modules.
+
+Every entry of a list must match: a target entry at least one module of the requested types, an
+``exclude`` entry at least one module. peft accepts ``target_modules=["qurey", "value"]`` and adapts
+``value`` only; here that is refused, naming the entry and the closest existing names. The one exception is
+the default ``exclude`` of the quantizers, :data:`OUTPUT_HEADS`: a list of usual head names, most of which a
+given model lacks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import importlib
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -75,8 +82,13 @@ def select_modules(root: nn.Module, patterns: Patterns = None, types: Types = No
     if isinstance(patterns, Sequence) and not isinstance(patterns, str) and len(patterns) == 0:
         raise SurgeryError(f"{what}: the list of name patterns is empty")
     type_tuple = _resolve_types(types)
-    selected = [(name, m) for name, m in root.named_modules()
-                if name and name_matches(name, patterns) and (not type_tuple or isinstance(m, type_tuple))
+    named = [(name, m) for name, m in root.named_modules() if name]
+    typed = [name for name, m in named if not type_tuple or isinstance(m, type_tuple)]
+    _every_entry_matches(root, what, patterns, typed, type_tuple)
+    if exclude is None or isinstance(exclude, str) or tuple(exclude) != OUTPUT_HEADS:
+        _every_entry_matches(root, f"{what.rpartition(' ')[0] or what} exclude", exclude, [name for name, _ in named], ())
+    selected = [(name, m) for name, m in named
+                if name_matches(name, patterns) and (not type_tuple or isinstance(m, type_tuple))
                 and not (exclude is not None and name_matches(name, exclude))]
     if not selected:
         wanted = " and ".join(s for s in (f"names {patterns!r}" if patterns is not None else "",
@@ -85,6 +97,25 @@ def select_modules(root: nn.Module, patterns: Patterns = None, types: Types = No
         raise SurgeryError(f"{what}: no module matches {wanted}{excl}. Modules that exist:\n"
                            f"{describe_modules(root)}")
     return selected
+
+
+def _every_entry_matches(root: nn.Module, what: str, patterns: Patterns, candidates: list[str],
+                         type_tuple: tuple[type[nn.Module], ...]) -> None:
+    """Raise naming the first entry of a pattern list that matches none of ``candidates``, with the closest
+    existing names (a full name or its peft-style suffixes)."""
+    if patterns is None or isinstance(patterns, str):
+        return
+    for pattern in patterns:
+        if any(name_matches(name, [pattern]) for name in candidates):
+            continue
+        suffixes = sorted({".".join(parts[i:]) for name, _ in root.named_modules() if name
+                           for parts in [name.split(".")]
+                           for i in range(len(parts))})
+        close = difflib.get_close_matches(pattern, suffixes, n=3, cutoff=0.5)
+        kind = f" of type {'/'.join(t.__name__ for t in type_tuple)}" if type_tuple else ""
+        hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+        raise SurgeryError(f"{what}: {pattern!r} matches no module{kind}{hint}. Every entry must match (the "
+                           f"others would apply without it). Modules that exist:\n{describe_modules(root)}")
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

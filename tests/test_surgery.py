@@ -106,3 +106,48 @@ def test_gathered_parameters_is_a_no_op_without_zero3():
     model = _model()
     with gathered_parameters(model):
         assert model[0].weight.shape == (8, 4)
+
+
+def test_every_entry_of_a_pattern_list_must_match_and_the_closest_names_are_given():
+    """Before this rule only a list where nothing matched was refused: ``["2.0", "2.00"]`` selected ``2.0``
+    alone, and a misspelt ``exclude`` excluded nothing."""
+    model = _model()
+    with pytest.raises(SurgeryError, match=r"target: '2\.00' matches no module of type Linear; closest: '2\.0'"):
+        select_modules(model, patterns=["2.0", "2.00"], types=[nn.Linear])
+    with pytest.raises(SurgeryError, match=r"'1' matches no module of type Linear"):  # a ReLU is no target
+        select_modules(model, patterns=["0", "1"], types=[nn.Linear])
+    with pytest.raises(SurgeryError, match=r"QuEST exclude: '33' matches no module; closest: '3'"):
+        select_modules(model, types=[nn.Linear], exclude=["3", "33"], what="QuEST targets")
+    # a target entry that the exclude list removes again is the user's explicit choice, not a typo
+    assert [n for n, _ in select_modules(model, patterns=["2.0", "3"], types=[nn.Linear], exclude=["3"])] == ["2.0"]
+
+
+def test_the_default_output_head_list_is_exempt_from_the_rule():
+    from lightning_ext.surgery import OUTPUT_HEADS
+
+    # the quantizers' default exclude: usual head names, most of which a model lacks
+    assert [n for n, _ in select_modules(_model(), types=[nn.Linear], exclude=list(OUTPUT_HEADS))] == ["0", "2.0", "3"]
+
+
+@pytest.mark.parametrize("technique", ["QuEST", "OneBit", "WeightCompander", "LAWN", "CrAM"])
+def test_a_misspelt_entry_is_refused_at_setup_by_each_technique(tmp_path, technique):
+    """The failure the issue found (QuEST ``exclude: [lm_heda]`` quantized the head; LoRA ``[qurey, value]``
+    trained ``value`` only — the adapters' check is in tests/test_adapters.py), for each technique with a list."""
+    import lightning.pytorch as pl
+
+    from lightning_ext import callbacks
+    from lightning_ext.data import DigitsDataModule
+    from lightning_ext.models import MLPClassifier
+
+    args = {"QuEST": {"exclude": ["net.2", "net.22"]}, "OneBit": {"exclude": ["net.2", "net.22"]},
+            "WeightCompander": {"targets": ["net.0", "net.22"]},
+            "LAWN": {"layers": ["net.0", "net.22"], "free_steps": 1}, "CrAM": {"layers": ["net.0", "net.22"]}}[technique]
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[getattr(callbacks, technique)(**args)])
+    model = MLPClassifier(hidden=[32])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SurgeryError, match=r"'net\.22' matches no module.*closest: 'net\.2'"):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
+    assert model.state_dict().keys() == before.keys()  # refused before any surgery or step
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
