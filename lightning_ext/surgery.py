@@ -94,7 +94,10 @@ def select_modules(root: nn.Module, patterns: Patterns = None, types: Types = No
         wanted = " and ".join(s for s in (f"names {patterns!r}" if patterns is not None else "",
                                           f"types {[t.__name__ for t in type_tuple]}" if type_tuple else "") if s)
         excl = f" (excluding {exclude!r})" if exclude is not None else ""
-        raise SurgeryError(f"{what}: no module matches {wanted}{excl}. Modules that exist:\n"
+        owners = sorted({technique_of(m) for _, m in named if technique_of(m)})
+        taken = (f" Layers of {', '.join(owners)} are there already: two techniques that rewrite the same layers "
+                 "do not compose.") if owners else ""
+        raise SurgeryError(f"{what}: no module matches {wanted}{excl}.{taken} Modules that exist:\n"
                            f"{describe_modules(root)}")
     return selected
 
@@ -116,6 +119,11 @@ def _every_entry_matches(root: nn.Module, what: str, patterns: Patterns, candida
         hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
         raise SurgeryError(f"{what}: {pattern!r} matches no module{kind}{hint}. Every entry must match (the "
                            f"others would apply without it). Modules that exist:\n{describe_modules(root)}")
+
+
+def technique_of(module: nn.Module) -> str | None:
+    """The technique whose surgery installed ``module`` (its class's ``surgery_technique``), if any."""
+    return getattr(type(module), "surgery_technique", None)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -158,6 +166,11 @@ def replace_modules(root: nn.Module, targets: Sequence[str] | Sequence[tuple[str
         if not isinstance(new, nn.Module):
             raise SurgeryError(f"the factory returned {type(new).__name__} for {name!r}, not an nn.Module; "
                                "model left unchanged")
+        owner, incoming = technique_of(old), technique_of(new)
+        if owner is not None and incoming is not None and owner != incoming:
+            raise SurgeryError(f"{incoming} and {owner} both rewrite {name!r}, which is already a {owner} layer "
+                               f"({type(old).__name__}); they do not compose on one layer. Exclude it from one of "
+                               f"them (targets / exclude); model left unchanged")
         new_modules[name] = new
     for name, new in new_modules.items():
         _set_submodule(root, name, new)

@@ -151,3 +151,31 @@ def test_a_misspelt_entry_is_refused_at_setup_by_each_technique(tmp_path, techni
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=16))
     assert model.state_dict().keys() == before.keys()  # refused before any surgery or step
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("order", [("QuEST", "OneBit"), ("OneBit", "QuEST")])
+def test_two_techniques_rewriting_the_same_layers_refuse_at_setup_naming_both(tmp_path, order):
+    """[QuEST, OneBit] used to replace every QuEST layer by a OneBit one without a word; in the other order
+    QuEST found no nn.Linear left and said only that nothing matched."""
+    import lightning.pytorch as pl
+
+    from lightning_ext import callbacks
+    from lightning_ext.data import DigitsDataModule
+    from lightning_ext.models import MLPClassifier
+
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[getattr(callbacks, name)(**({"block": 16} if name == "QuEST" else {}))
+                                    for name in order])
+    with pytest.raises(SurgeryError) as err:
+        trainer.fit(MLPClassifier(hidden=[32]), datamodule=DigitsDataModule(batch_size=16))
+    message = str(err.value)
+    assert all(name in message for name in order) and "do not compose" in message, message
+
+
+def test_a_technique_may_replace_its_own_layers():
+    from lightning_ext.nn.quest import apply_quest, convert_quest
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    apply_quest(model, exclude=None, block=8)
+    assert [type(m).__name__ for m in convert_quest(model).values()] == ["QuestInt", "QuestInt"]  # its export

@@ -62,6 +62,9 @@ class CLNPLinear(nn.Linear):
     1.96x at 128x128, batch 32; W_eff 1.53x, fast 1.10x at 512x512, batch 128; crossing near 256x256).
     """
 
+    #: the technique whose surgery installs this layer (lightning_ext.surgery refuses a second one on it)
+    surgery_technique = "CLNP"
+
     fast_path_min_numel = 1 << 16
 
     @classmethod

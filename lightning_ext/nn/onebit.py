@@ -95,6 +95,9 @@ def unpack_signs(packed: torch.Tensor, shape: torch.Size | tuple[int, ...],
 class OneBitLinear(nn.Module):
     """``Z = LayerNorm([(X ⊙ g) sign(W)ᵀ] ⊙ h + bias)`` with a trained latent ``W`` (see module docstring)."""
 
+    #: the technique whose surgery installs this layer (lightning_ext.surgery refuses a second one on it)
+    surgery_technique = "OneBit"
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, layer_norm: bool = True,
                  device: Any = None, dtype: Any = None) -> None:
         super().__init__()
@@ -155,6 +158,9 @@ class OneBitLinear(nn.Module):
 
 class OneBitPacked(nn.Module):
     """Inference form: 8 signs per byte (``packed``) plus ``g``, ``h`` (and bias) as buffers; same outputs."""
+
+    #: the technique whose surgery installs this layer (lightning_ext.surgery refuses a second one on it)
+    surgery_technique = "OneBit"
 
     def __init__(self, layer: OneBitLinear) -> None:
         super().__init__()

@@ -140,6 +140,9 @@ class QuestLinear(nn.Linear):
     from the last forward with ``collect_stats = True``.
     """
 
+    #: the technique whose surgery installs this layer (lightning_ext.surgery refuses a second one on it)
+    surgery_technique = "QuEST"
+
     weight_bits: int
     act_bits: int | None
 
@@ -192,6 +195,9 @@ class QuestLinear(nn.Linear):
 class QuestInt(nn.Module):
     """Inference form of a :class:`QuestLinear`: ``codes`` (uint8, ``2^b`` levels) of the *rotated* weight and
     ``step`` per output row; activations are rotated and quantized online, as in training. Buffers only."""
+
+    #: the technique whose surgery installs this layer (lightning_ext.surgery refuses a second one on it)
+    surgery_technique = "QuEST"
 
     def __init__(self, codes: torch.Tensor, step: torch.Tensor, bias: torch.Tensor | None, weight_bits: int,
                  act_bits: int | None, block: int | None, scale: str) -> None:
