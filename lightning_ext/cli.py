@@ -79,9 +79,11 @@ class LightningExtCLI(LightningCLI):
         import lightning_ext.strategies  # noqa: F401
 
     def before_fit(self) -> None:
+        from lightning_ext.callbacks.manifest import ensure_manifest
         from lightning_ext.manifest import check_manifest
 
         check_manifest(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+        ensure_manifest(self.trainer)  # every run's checkpoints record its optimizer stack
 
     def after_fit(self) -> None:
         # trainer.log_dir broadcasts from rank 0: every rank asks, only rank 0 reports

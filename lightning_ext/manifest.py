@@ -17,8 +17,17 @@ Surgery (adapters, quantized layers) changes the model's structure, so the same 
 must run in ``setup`` — before Lightning loads the weights — when a run resumes:
 
 * :func:`check_manifest` (run by each technique's ``setup`` and by the CLI before ``fit``)
-  refuses to resume when a technique of the checkpoint is missing from the trainer, or is
-  present with other arguments, naming both;
+  refuses to resume when a technique of the checkpoint is missing from the trainer, when the trainer has a
+  technique the checkpoint was not trained with (also a plain Lightning checkpoint, which has no manifest),
+  or when one is present with other arguments, naming each;
+* :func:`check_optimizers` (``on_fit_start``: the trainer's optimizers exist, their state has not loaded)
+  refuses when the optimizer stack differs — the class of each optimizer and of each wrapper around it, e.g.
+  ``[lightning_ext.optimizers.AdamP]`` vs ``[lightning_ext.optimizers.SGDP]``, whose saved state would load into
+  the wrong algorithm (SGDP died at its first step with ``KeyError: 'momentum'``). The stack is written by the
+  :class:`~lightning_ext.callbacks.Manifest` callback, which every technique and the CLI add;
+* to start a *new* run from a checkpoint's weights with another stack, load the weights only:
+  :class:`~lightning_ext.callbacks.LoadWeights` (``trainer.callbacks`` / YAML), no ``ckpt_path``; the refusals
+  say so.
 * :func:`techniques_from_checkpoint` rebuilds the technique callbacks from a checkpoint, for a
   resume or an evaluation that does not have the original config at hand.
 """
@@ -162,6 +171,51 @@ def techniques_from_checkpoint(ckpt_path: str | Path) -> list[pl.Callback]:
     return callbacks
 
 
+WEIGHTS_ONLY_HINT = ("To start a new run from its weights with this stack instead, load the weights only: add the "
+                     "callback lightning_ext.callbacks.LoadWeights(ckpt_path=...) and drop ckpt_path.")
+
+
+def optimizer_stack(optimizer: Any) -> list[str]:
+    """The classes of an optimizer and of every wrapper around it, outermost first (public import paths). A
+    strategy's own wrapper (DeepSpeed's ZeRO optimizers) is looked through: it is not the user's choice."""
+    from lightning_ext.optimizers._wrapper import WrapperOptimizer
+
+    stack = []
+    while optimizer is not None:
+        cls = type(optimizer)
+        if cls.__module__.startswith(("deepspeed.", "lightning.")):
+            optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+            continue
+        stack.append(public_class_path(cls))
+        optimizer = optimizer.base if isinstance(optimizer, WrapperOptimizer) else None
+    return stack
+
+
+def write_optimizers(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Record the trainer's optimizer stacks (and that the checkpoint has a manifest) in ``checkpoint``."""
+    section = checkpoint.setdefault(MANIFEST_KEY, {})
+    section.setdefault("techniques", [])
+    section["optimizers"] = [optimizer_stack(o) for o in trainer.optimizers]
+
+
+def check_optimizers(trainer: pl.Trainer, ckpt_path: str | Path | None = None) -> None:
+    """Refuse to resume when the trainer's optimizer stacks differ from the ones the checkpoint recorded
+    (nothing to compare in a checkpoint without them: older, or saved without :class:`Manifest`)."""
+    ckpt_path = ckpt_path if ckpt_path is not None else pending_ckpt_path(trainer)
+    if ckpt_path is None or not Path(ckpt_path).exists():
+        return
+    saved = load_checkpoint_dict(ckpt_path).get(MANIFEST_KEY, {}).get("optimizers")
+    present = [optimizer_stack(o) for o in trainer.optimizers]
+    if saved is not None and saved != present:
+        raise RuntimeError(f"checkpoint {ckpt_path} was trained with optimizer {_stacks(saved)}; this trainer has "
+                           f"{_stacks(present)}. Its optimizer state (param groups, per-parameter state) belongs to "
+                           f"the other algorithm. Resume with the checkpoint's optimizer. {WEIGHTS_ONLY_HINT}")
+
+
+def _stacks(stacks: list[list[str]]) -> str:
+    return "; ".join(" around ".join(s) for s in stacks) or "none"
+
+
 def _legacy_name(entry: dict[str, Any]) -> str:
     """An old entry's technique name: every peft adapter was once saved as its shared base ``_PeftAdapter``; its
     class path still names it."""
@@ -182,7 +236,8 @@ def check_manifest(trainer: pl.Trainer, ckpt_path: str | Path | None = None) -> 
         return
     if getattr(trainer, "_lightning_ext_manifest_checked", None) == str(ckpt_path):
         return
-    saved_entries = read_manifest(ckpt_path)
+    checkpoint = load_checkpoint_dict(ckpt_path)
+    saved_entries = list(checkpoint.get(MANIFEST_KEY, {}).get("techniques", []))
     techniques = [cb for cb in trainer.callbacks if getattr(cb, "is_lightning_ext_technique", False)]
     by = "name" if any("state_key" not in e for e in saved_entries) else "state_key"  # older checkpoints: by name
     saved = {(_legacy_name(e) if by == "name" else e[by]): e for e in saved_entries}
@@ -197,6 +252,15 @@ def check_manifest(trainer: pl.Trainer, ckpt_path: str | Path | None = None) -> 
             f"change the model before its weights load. Add the same callbacks (saved arguments: "
             f"{[saved[m]['init_args'] for m in missing]}), or build them with "
             "lightning_ext.manifest.techniques_from_checkpoint(ckpt_path).")
+    added = sorted(set(present) - set(saved))
+    if added:
+        trained = (f"with techniques {sorted(saved)} only" if saved else
+                   "without any technique" if MANIFEST_KEY in checkpoint else
+                   "without any technique (a plain Lightning checkpoint, no manifest)")
+        raise RuntimeError(
+            f"checkpoint {ckpt_path} was trained {trained}; this trainer adds {added}. Resuming would restore "
+            f"a run that never had them and go on as if it had (their state starts fresh mid-run). Remove them to "
+            f"resume. {WEIGHTS_ONLY_HINT}")
     for key, entry in saved.items():  # saved as the present class counts configuration (older ones kept data too)
         entry["init_args"] = _with_later_defaults(classes[key], entry["init_args"])
     changed = [n for n in saved if saved[n]["init_args"] != present[n]["init_args"]]

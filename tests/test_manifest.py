@@ -148,3 +148,99 @@ def test_bad_checkpoint_files_are_refused_naming_the_file_and_the_cause(gated_ck
             read_manifest(path)
         with pytest.raises(CheckpointFileError, match=f"^checkpoint {path} {message}"):  # at setup, before loading
             _fit(tmp_path / "resumed", [Gate(target_modules=["net.0"], init=0.5)], 5, ckpt_path=str(path))
+
+
+# -- two-way manifest, optimizer stack, weights-only fine-tune (each failed on main before: a checkpoint without a
+# technique loaded silently into a trainer with one; an AdamP checkpoint resumed with SGDP died with KeyError)
+
+
+def test_a_plain_checkpoint_refuses_a_trainer_that_adds_a_technique(tmp_path):
+    plain = tmp_path / "plain.ckpt"
+    _fit(tmp_path / "a", [], 3).save_checkpoint(plain)
+    with pytest.raises(RuntimeError, match=r"plain Lightning checkpoint, no manifest\); this trainer adds \['Gate'\]"
+                                           r".*LoadWeights"):
+        _fit(tmp_path / "b", [Gate(target_modules=["net.0"])], 5, ckpt_path=str(plain))
+    recorded = tmp_path / "recorded.ckpt"  # saved with a Manifest (as the CLI's runs are): "without any technique"
+    from lightning_ext.callbacks import Manifest
+
+    _fit(tmp_path / "c", [Manifest()], 3).save_checkpoint(recorded)
+    with pytest.raises(RuntimeError, match=r"trained without any technique; this trainer adds \['Gate'\]"):
+        _fit(tmp_path / "d", [Gate(target_modules=["net.0"])], 5, ckpt_path=str(recorded))
+
+
+def test_a_checkpoint_refuses_a_trainer_with_one_technique_more(gated_ckpt, tmp_path):
+    with pytest.raises(RuntimeError, match=r"with techniques \['Gate'\] only; this trainer adds \[.Counted"):
+        _fit(tmp_path, [Gate(target_modules=["net.0"], init=0.5), Counted()], 5, ckpt_path=str(gated_ckpt))
+
+
+class _WithOptimizer(MLPClassifier):
+    def __init__(self, optimizer: str = "AdamP") -> None:
+        super().__init__(hidden=[16])
+        self.optimizer_name = optimizer
+
+    def configure_optimizers(self):
+        from lightning_ext import optimizers
+
+        return getattr(optimizers, self.optimizer_name)(self.parameters(), lr=1e-2)
+
+
+def _fit_with(root, optimizer, callbacks, max_steps, ckpt_path=None):
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
+                         limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(_WithOptimizer(optimizer), datamodule=DigitsDataModule(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_the_optimizer_stack_is_recorded_and_another_optimizer_is_refused_before_its_state_loads(tmp_path):
+    from lightning_ext.callbacks import LAWN, Manifest
+
+    adamp = tmp_path / "adamp.ckpt"
+    _fit_with(tmp_path / "a", "AdamP", [Manifest()], 3).save_checkpoint(adamp)
+    assert torch.load(adamp, weights_only=False)[MANIFEST_KEY]["optimizers"] == [["lightning_ext.optimizers.AdamP"]]
+    with pytest.raises(RuntimeError, match=r"trained with optimizer lightning_ext\.optimizers\.AdamP; this trainer "
+                                           r"has lightning_ext\.optimizers\.SGDP.*LoadWeights"):
+        _fit_with(tmp_path / "b", "SGDP", [Manifest()], 5, ckpt_path=str(adamp))
+    # a technique adds the Manifest itself, and a wrapper is part of the stack
+    lawn = tmp_path / "lawn.ckpt"
+    _fit_with(tmp_path / "c", "AdamP", [LAWN(free_steps=1)], 3).save_checkpoint(lawn)
+    assert torch.load(lawn, weights_only=False)[MANIFEST_KEY]["optimizers"] == [
+        ["lightning_ext.optimizers.LAWN", "lightning_ext.optimizers.AdamP"]]
+    assert _fit_with(tmp_path / "d", "AdamP", [LAWN(free_steps=1)], 5, ckpt_path=str(lawn)).global_step == 5
+
+
+def test_load_weights_starts_a_new_run_from_the_weights_with_another_stack(tmp_path):
+    from lightning_ext.callbacks import LoadWeights, Manifest
+
+    adamp = tmp_path / "adamp.ckpt"
+    trained = _fit_with(tmp_path / "a", "AdamP", [Manifest()], 3)
+    trained.save_checkpoint(adamp)
+    weights = {k: v.clone() for k, v in trained.lightning_module.state_dict().items()}
+    # a technique listed before LoadWeights still gets the loaded weights before its surgery
+    started = _fit_with(tmp_path / "b", "SGDP", [Gate(target_modules=["net.0"], init=0.5), LoadWeights(adamp)], 0)
+    state = started.lightning_module.state_dict()  # Gate wrapped net.0 after the load: net.0.inner.*
+    renamed = {k.replace("net.0.", "net.0.inner."): v for k, v in weights.items()}
+    assert started.global_step == 0 and all(torch.equal(state[k], v) for k, v in renamed.items())
+    assert _fit_with(tmp_path / "c", "SGDP", [LoadWeights(adamp)], 2).global_step == 2  # a fresh SGDP run
+    gated = tmp_path / "gated.ckpt"
+    _fit(tmp_path / "d", [Gate(target_modules=["net.0"])], 1).save_checkpoint(gated)
+    with pytest.raises(RuntimeError, match=r"unexpected \['net\.0\.gate', .*techniques \['Gate'\].*strict=False"):
+        _fit(tmp_path / "e", [LoadWeights(gated)], 1)
+    with pytest.raises(ValueError, match="ckpt_path must be a checkpoint file path"):
+        LoadWeights("")
+
+
+def test_the_cli_records_the_optimizer_and_refuses_sgdp_on_an_adamp_checkpoint(tmp_path):
+    """The issue's case through the command line: an AdamP run's checkpoint resumed with configs/optimizers/sgdp.yaml
+    (same model) stopped at its first step with a bare KeyError: 'momentum'."""
+    from cli_utils import ROOT, run_cli
+
+    common = ["--trainer.max_steps", "2", "--trainer.logger", "false", "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
+    done = run_cli(["fit", "--config", str(ROOT / "configs/optimizers/adamp.yaml"), *common], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    refused = run_cli(["fit", "--config", str(ROOT / "configs/optimizers/sgdp.yaml"), *common,
+                       "--trainer.max_steps", "4", "--ckpt_path", str(ckpt)], tmp_path)
+    assert refused.returncode != 0 and "KeyError" not in refused.stderr
+    assert "trained with optimizer lightning_ext.optimizers.AdamP" in refused.stderr, refused.stderr[-2000:]

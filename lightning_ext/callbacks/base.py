@@ -64,7 +64,12 @@ class Technique(pl.Callback):
         return self._generate_state_key(**identity) if identity else type(self).__qualname__
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_ext.callbacks.manifest import ensure_manifest, load_pending_weights
+
         check_manifest(trainer)
+        ensure_manifest(trainer)  # records the optimizer stack; checks it on resume
+        if stage == "fit":
+            load_pending_weights(trainer, pl_module)  # a LoadWeights fine-tune: before this technique's surgery
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         uninject(pl_module, self)  # an optimizer wrapping this technique injected (no-op otherwise)
@@ -78,8 +83,8 @@ class Technique(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        section = checkpoint.setdefault(MANIFEST_KEY, {"techniques": []})
-        section["techniques"].append(manifest_entry(self))
+        section = checkpoint.setdefault(MANIFEST_KEY, {})
+        section.setdefault("techniques", []).append(manifest_entry(self))
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.state)
