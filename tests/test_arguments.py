@@ -25,7 +25,7 @@ NOT_HYPERPARAMETERS = {"self", "params", "optimizer", "constrained", "model", "p
                        "calibration_dataloader", "compander_args"}
 #: arguments whose value is a free-form name (a module, an attribute, a path): only their type can be checked
 #: before the model is known; the name itself is checked at setup (a name that matches nothing lists what exists)
-FREE_FORM = {"heads", "attr", "module", "checkpoint_dir", "compander"}
+FREE_FORM = {"heads", "attr", "module", "checkpoint_dir", "compander", "ckpt_path"}
 #: ints that may be negative
 NEGATIVE_OK = {"sign"}
 #: arguments that take more than one kind (EVA's use_label_mask is True, False or "auto")
@@ -58,7 +58,9 @@ def _callback(cls):
 
 #: how to build each public class with one argument changed (the rest at their defaults)
 BUILDERS = {
-    **{name: _callback(getattr(callbacks, name)) for name in callbacks.__all__ if name not in ("Technique", "LAWN")},
+    **{name: _callback(getattr(callbacks, name)) for name in callbacks.__all__
+       if name not in ("Technique", "LAWN", "LoadWeights")},
+    "LoadWeights": lambda **kw: callbacks.LoadWeights(**{"ckpt_path": "run.ckpt", **kw}),
     "callbacks.LAWN": lambda **kw: callbacks.LAWN(**{"free_steps": 1, **kw}),
     "AdamP": lambda **kw: optimizers.AdamP(_linear().parameters(), **kw),
     "SGDP": lambda **kw: optimizers.SGDP(_linear().parameters(), **{"lr": 0.1, **kw}),
@@ -137,7 +139,7 @@ def test_a_wrong_value_fails_in_init_naming_the_argument(key, name, kind, option
 
 def test_every_public_class_is_covered():
     covered = {key for key, *_ in (p.values for p in _arguments())}
-    assert covered == set(CLASSES) - {"Technique"}
+    assert covered == set(CLASSES) - {"Technique", "Manifest"}  # Manifest takes no argument
 
 
 @pytest.mark.parametrize("technique", ["CrAM", "LAWN"])

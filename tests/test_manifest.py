@@ -226,7 +226,7 @@ def test_load_weights_starts_a_new_run_from_the_weights_with_another_stack(tmp_p
     _fit(tmp_path / "d", [Gate(target_modules=["net.0"])], 1).save_checkpoint(gated)
     with pytest.raises(RuntimeError, match=r"unexpected \['net\.0\.gate', .*techniques \['Gate'\].*strict=False"):
         _fit(tmp_path / "e", [LoadWeights(gated)], 1)
-    with pytest.raises(ValueError, match="ckpt_path must be a checkpoint file path"):
+    with pytest.raises(ValueError, match="ckpt_path must be a non-empty string"):
         LoadWeights("")
 
 

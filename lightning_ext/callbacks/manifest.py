@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_ext._checks import check_bool, check_str
 from lightning_ext.manifest import (MANIFEST_KEY, check_manifest, check_optimizers, load_checkpoint_dict,
                                     write_optimizers)
 
@@ -61,10 +62,8 @@ class LoadWeights(pl.Callback):
     """
 
     def __init__(self, ckpt_path: str | Path, strict: bool = True) -> None:
-        if not isinstance(ckpt_path, (str, Path)) or not str(ckpt_path):
-            raise ValueError(f"LoadWeights: ckpt_path must be a checkpoint file path, got {ckpt_path!r}")
-        if not isinstance(strict, bool):
-            raise ValueError(f"LoadWeights: strict must be a bool, got {strict!r}")
+        check_str("ckpt_path", str(ckpt_path) if isinstance(ckpt_path, Path) else ckpt_path)
+        check_bool("strict", strict)
         self.ckpt_path, self.strict = str(ckpt_path), strict
         self._loaded_into: int | None = None
 
