@@ -83,10 +83,11 @@ def select_modules(root: nn.Module, patterns: Patterns = None, types: Types = No
         raise SurgeryError(f"{what}: the list of name patterns is empty")
     type_tuple = _resolve_types(types)
     named = [(name, m) for name, m in root.named_modules() if name]
+    names = [name for name, _ in named]
     typed = [name for name, m in named if not type_tuple or isinstance(m, type_tuple)]
-    _every_entry_matches(root, what, patterns, typed, type_tuple)
+    _every_entry_matches(root, names, what, patterns, typed, type_tuple)
     if exclude is None or isinstance(exclude, str) or tuple(exclude) != OUTPUT_HEADS:
-        _every_entry_matches(root, f"{what.rpartition(' ')[0] or what} exclude", exclude, [name for name, _ in named], ())
+        _every_entry_matches(root, names, f"{what.rpartition(' ')[0] or what} exclude", exclude, names, ())
     selected = [(name, m) for name, m in named
                 if name_matches(name, patterns) and (not type_tuple or isinstance(m, type_tuple))
                 and not (exclude is not None and name_matches(name, exclude))]
@@ -102,17 +103,16 @@ def select_modules(root: nn.Module, patterns: Patterns = None, types: Types = No
     return selected
 
 
-def _every_entry_matches(root: nn.Module, what: str, patterns: Patterns, candidates: list[str],
+def _every_entry_matches(root: nn.Module, names: list[str], what: str, patterns: Patterns, candidates: list[str],
                          type_tuple: tuple[type[nn.Module], ...]) -> None:
-    """Raise naming the first entry of a pattern list that matches none of ``candidates``, with the closest
-    existing names (a full name or its peft-style suffixes)."""
+    """Raise naming the first entry of a pattern list that matches none of ``candidates``, with the closest of
+    ``names`` (every module name of ``root``: a full name or its peft-style suffixes)."""
     if patterns is None or isinstance(patterns, str):
         return
     for pattern in patterns:
         if any(name_matches(name, [pattern]) for name in candidates):
             continue
-        suffixes = sorted({".".join(parts[i:]) for name, _ in root.named_modules() if name
-                           for parts in [name.split(".")]
+        suffixes = sorted({".".join(parts[i:]) for parts in (name.split(".") for name in names)
                            for i in range(len(parts))})
         close = difflib.get_close_matches(pattern, suffixes, n=3, cutoff=0.5)
         kind = f" of type {'/'.join(t.__name__ for t in type_tuple)}" if type_tuple else ""

@@ -15,26 +15,19 @@ import dataclasses
 
 import pytest
 
-from harness import fit, worst_difference
+from harness import accumulation_settings, fit, worst_difference
 from registry import BY_NAME, REGISTRY
 from test_ranks import TOLERANCE
 
 PER_MICRO_BATCH = {"reweighting"}
 
 
-def _steps_per_epoch(entry, batch_scale: int) -> int:
-    data = entry.data()
-    data.batch_size *= batch_scale
-    data.setup("fit")
-    return len(data.train_dataloader())
-
-
 def _accumulated_and_doubled(entry, root):
-    whole = _steps_per_epoch(entry, 2)  # doubled batches per epoch (drop_last)
+    settings = accumulation_settings(entry, 1, 2)  # an even number of micro-batches per epoch
     kw = {"precision": entry.equality_precision, "val_check_interval": None, "limit_val_batches": 0}
-    accumulated = fit(entry, root / "accumulated", entry.steps, accumulate_grad_batches=2,
-                      limit_train_batches=2 * whole, **kw)
-    doubled = fit(entry, root / "doubled", entry.steps, batch_scale=2, limit_train_batches=whole, **kw)
+    accumulated = fit(entry, root / "accumulated", entry.steps, **settings, **kw)
+    doubled = fit(entry, root / "doubled", entry.steps, batch_scale=2,
+                  limit_train_batches=settings["limit_train_batches"] // 2, **kw)
     params = [{n: p.detach() for n, p in t.lightning_module.named_parameters()} for t in (accumulated, doubled)]
     assert accumulated.global_step == doubled.global_step == entry.steps
     return worst_difference(*params)

@@ -115,11 +115,11 @@ class CLNP(Technique):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if strategy_info(trainer).is_fsdp:
+        info = strategy_info(trainer)
+        if info.is_fsdp:
             raise RuntimeError("CLNP with FSDP is not supported: pruning and freezing rewrite weight rows and "
                                "masks outside the forward, where FSDP holds only each rank's shard. Use DDP or "
                                "DeepSpeed ZeRO-1/2/3.")
-        info = strategy_info(trainer)
         if info.is_deepspeed and str(trainer.precision) != "32-true":
             raise RuntimeError(f"CLNP with {info} and precision={trainer.precision!r} is not supported: "
                                "DeepSpeed then holds the weights in reduced precision, and CLNP's frozen rows and "

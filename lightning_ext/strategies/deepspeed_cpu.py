@@ -2,7 +2,7 @@
 
 Lightning's :class:`~lightning.pytorch.strategies.DeepSpeedStrategy` refuses any accelerator
 but CUDA, although DeepSpeed itself runs on CPU (its CPU accelerator, gloo collectives). This
-subclass changes three things and nothing else:
+subclass changes four things:
 
 1. ``setup_environment`` skips the CUDA-only check and runs the DDP one;
 2. the process-group backend defaults to ``gloo``;
@@ -17,7 +17,7 @@ Lightning divides each micro-batch's loss by ``N`` (its closure) and the DeepSpe
 with ``gradient_accumulation_steps=N``, divides it by ``N`` again in ``engine.backward``: every step's gradient
 is ``1/N`` of the mean. AdamW nearly hides this (it is scale-invariant but for ``eps``); SGD, SGDP, LAWN's
 and CrAM's steps do not. Here the engine's backward is called with ``scale_wrt_gas=False``, so the gradient of
-N accumulated micro-batches is their mean, as without DeepSpeed (``tests/test_deepspeed.py``, accumulation).
+N accumulated micro-batches is their mean, as without DeepSpeed (``tests/test_sharded_settings.py``).
 
 One option is added: ``param_persistence_threshold`` (ZeRO-3's ``stage3_param_persistence_threshold``;
 ``None`` keeps DeepSpeed's default of 1e5 elements, below which a parameter stays whole on every rank). The
