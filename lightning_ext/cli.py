@@ -80,10 +80,12 @@ class LightningExtCLI(LightningCLI):
 
     def before_fit(self) -> None:
         from lightning_ext.callbacks.manifest import ensure_manifest
+        from lightning_ext.callbacks.nonfinite import ensure_guard
         from lightning_ext.manifest import check_manifest
 
         check_manifest(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
         ensure_manifest(self.trainer)  # every run's checkpoints record its optimizer stack
+        ensure_guard(self.trainer)  # non-finite steps skipped, unless a NonFiniteGuard(enabled=False) is there
 
     def after_fit(self) -> None:
         # trainer.log_dir broadcasts from rank 0: every rank asks, only rank 0 reports

@@ -303,14 +303,26 @@ def sharded_difference(entry: Entry, launch: Launch, root: Path, **kwargs: Any) 
     assert r0["world_size"] == 2 and r0["global_step"] == entry.steps
     assert differences(r0["params"], r1["params"]) == [] and differences(r0["callbacks"], r1["callbacks"]) == []
     assert all(torch.isfinite(p).all() for p in r0["params"].values())
-    initial = initial_parameters(entry, root / "initial")  # after setup, before any step
+    initial = _cached(("initial", entry.name), lambda: initial_parameters(entry, root / "initial"))
     common = [n for n in initial if n in r0["params"]]
     assert common and any(not torch.equal(r0["params"][n], initial[n]) for n in common), "nothing trained"
+    key = (entry.sharded_reference, entry.name, entry.steps, repr(sorted(kwargs.items())))
     if entry.sharded_reference == "ddp":  # 2 DDP processes, equal to one process in float64 (test_ranks)
-        reference = ddp_rank_states(entry, root / "ddp", **kwargs)[0]["params"]
+        reference = _cached(key, lambda: ddp_rank_states(entry, root / "ddp", **kwargs)[0]["params"])
     else:  # one process, unsharded, on the global batch
-        reference = one_process_parameters(entry, root / "one", 2, **kwargs)
+        reference = _cached(key, lambda: one_process_parameters(entry, root / "one", 2, **kwargs))
     return worst_difference(r0["params"], reference)
+
+
+#: the references of sharded_difference, computed once per test session: every strategy's cell of an entry
+#: compares with the same one-process (or DDP) run of the same settings
+_REFERENCES: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def _cached(key: tuple, compute) -> dict[str, torch.Tensor]:
+    if key not in _REFERENCES:
+        _REFERENCES[key] = compute()
+    return _REFERENCES[key]
 
 
 def refusal_of(launch: Launch, entry: Entry, expected: str) -> str:
@@ -333,3 +345,93 @@ def resume_difference(entry: Entry, launches: Launches, strategy: str, trained: 
     assert stop.returncode == -9, f"the stop launch was to end by SIGKILL, rc={stop.returncode}\n{stop.log}"
     resumed = launches.get(strategy, "resume", trained).states(entry)
     return [f"rank {r}: {d}" for r, (a, b) in enumerate(zip(straight, resumed)) for d in differences(a, b)]
+
+
+class PoisonStep(pl.Callback):
+    """The NaN-sample experiment: at global step ``step`` (to ``last``, inclusive, if given) the output of the
+    module's first Linear or Embedding (in module order: the input layer) is NaN for sample 0 of global rank 0's
+    batch — one bad sample, as a bad row of data would give, in every forward of that step (CrAM's second pass
+    too)."""
+
+    def __init__(self, step: int, last: int | None = None) -> None:
+        self.step, self.last, self.hits = step, step if last is None else last, 0
+        self._handle = None
+
+    def poisoned(self, trainer: pl.Trainer) -> bool:
+        return self.step <= trainer.global_step <= self.last
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        first = next(m for m in pl_module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
+
+        def poison(module, args, out):
+            if not (module.training and self.poisoned(trainer) and trainer.global_rank == 0):
+                return None
+            self.hits += 1
+            out = out.clone()
+            out[0] = float("nan")
+            return out
+
+        self._handle = first.register_forward_hook(poison)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def drop_batch(data: pl.LightningDataModule, index: int) -> pl.LightningDataModule:
+    """``data`` whose training sampler leaves out batch ``index`` of the first epoch on every rank (the global batch
+    ``index``): the reference of the NaN-sample experiment, the run whose bad batch was removed. Calibration reads
+    the same loader: ``index`` must come after the batches an adapter calibrates on (8 for EVA). The loader stays a
+    ``DataLoader`` with the suite's ``ResumableSampler`` (a subclass of it, made here), so Lightning treats it as
+    it treats the original under every strategy."""
+    original = data.train_dataloader
+
+    def train_dataloader():
+        loader = original()
+        sampler = loader.sampler
+        base, size = type(sampler), sampler.batch_size
+
+        class WithoutOneBatch(base):
+            def __iter__(self):
+                indices = list(base.__iter__(self))
+                if self.epoch == 0:
+                    start = index * size - self.consumed_batches * size
+                    indices = indices[:max(start, 0)] + indices[max(start + size, 0):]
+                return iter(indices)
+
+            def __len__(self) -> int:
+                return base.__len__(self) - (size if self.epoch == 0 else 0)
+
+        sampler.__class__ = WithoutOneBatch
+        return loader
+
+    data.train_dataloader = train_dataloader
+    return data
+
+
+def nonfinite_run(entry: Entry, root: Path, steps: int, at: int, reference: bool,
+                  callbacks: Sequence[pl.Callback] = (), **kwargs: Any) -> pl.Trainer:
+    """One side of the NaN-sample experiment. ``reference=False``: ``entry`` for ``steps`` steps with one NaN
+    sample at step ``at`` (:class:`PoisonStep`, unless ``callbacks`` bring their own; the guard on, as by default: added here for the baseline entry,
+    which has no technique callback). ``reference=True``: ``steps - 1`` steps without that batch, the schedules
+    keyed on the global step (QuEST's ``start_step``, LossReweighting's ``warmup_steps``) one step earlier: the
+    guarded run's global step counts the skipped step (see lightning_ext.callbacks.nonfinite)."""
+    from lightning_ext.callbacks import LossReweighting, NonFiniteGuard, QuEST
+
+    pl.seed_everything(0, verbose=False)
+    model, data = entry.model(), entry.data()
+    if reference:
+        trainer = make_trainer(entry, root / "reference", steps - 1, list(callbacks), **kwargs)
+        data = drop_batch(data, at)
+        for cb in trainer.callbacks:
+            if isinstance(cb, QuEST) and cb.start_step > at:
+                cb.start_step -= 1
+            if isinstance(cb, LossReweighting) and cb.warmup_steps > at:
+                cb.warmup_steps -= 1
+    else:
+        added = [] if any(isinstance(cb, NonFiniteGuard) for cb in callbacks) else [NonFiniteGuard()]
+        added += [] if any(isinstance(cb, PoisonStep) for cb in callbacks) else [PoisonStep(at)]
+        trainer = make_trainer(entry, root / "guarded", steps, [*callbacks, *added], **kwargs)
+    trainer.fit(model, datamodule=data)
+    return trainer

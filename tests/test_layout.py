@@ -31,7 +31,8 @@ def test_a_checkpoint_written_before_the_move_resumes(name, tmp_path):
     assert probe.seen["global_step"] == STOP
     assert differences(saved["state_dict"], probe.seen["state_dict"]) == []
     technique_state = {k: v for k, v in saved["callbacks"].items() if not k.startswith("ModelCheckpoint")}
-    assert differences(technique_state, probe.seen["callbacks"]) == []  # every saved state, under its saved key
+    seen = {k: v for k, v in probe.seen["callbacks"].items() if k != "NonFiniteGuard"}  # added after these files
+    assert differences(technique_state, seen) == []  # every saved state, under its saved key
     assert trainer.global_step == STOP + 2
 
 

@@ -7,9 +7,10 @@ from lightning_ext.callbacks.compander import WeightCompander
 from lightning_ext.callbacks.cram import CrAM
 from lightning_ext.callbacks.lawn import LAWN
 from lightning_ext.callbacks.manifest import LoadWeights, Manifest
+from lightning_ext.callbacks.nonfinite import NonFiniteGuard
 from lightning_ext.callbacks.onebit import OneBit
 from lightning_ext.callbacks.quest import QuEST
 from lightning_ext.callbacks.reweighting import LossReweighting
 
 __all__ = ["CLNP", "EVA", "LAWN", "Bone", "CrAM", "GoRA", "LoRA", "LoTR", "LoadWeights", "LossReweighting",
-           "Manifest", "OneBit", "QuEST", "Technique", "WeightCompander"]
+           "Manifest", "NonFiniteGuard", "OneBit", "QuEST", "Technique", "WeightCompander"]

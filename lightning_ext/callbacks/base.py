@@ -19,7 +19,9 @@ class Technique(pl.Callback):
 
     * ``self.init_args``: the arguments their ``__init__`` was called with (defaults filled in),
       written into every checkpoint's manifest (:mod:`lightning_ext.manifest`);
-    * a ``setup`` that refuses to resume from a checkpoint trained with other techniques;
+    * a ``setup`` that refuses to resume from a checkpoint trained with other techniques, and adds the
+      :class:`~lightning_ext.callbacks.Manifest` and the :class:`~lightning_ext.callbacks.NonFiniteGuard`
+      unless the trainer has them;
     * ``state_dict``/``load_state_dict`` that save ``self.state`` (a dict of tensors and plain
       values) — put everything that must survive a resume there;
     * a ``state_key`` (the key of that state in the checkpoint, and of the manifest entry) made of the
@@ -65,9 +67,11 @@ class Technique(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from lightning_ext.callbacks.manifest import ensure_manifest, load_pending_weights
+        from lightning_ext.callbacks.nonfinite import ensure_guard
 
         check_manifest(trainer)
         ensure_manifest(trainer)  # records the optimizer stack; checks it on resume
+        ensure_guard(trainer)  # a step with a non-finite loss or gradients is skipped (on by default)
         if stage == "fit":
             load_pending_weights(trainer, pl_module)  # a LoadWeights fine-tune: before this technique's surgery
 

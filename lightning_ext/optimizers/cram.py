@@ -381,6 +381,11 @@ class CrAM(WrapperOptimizer):
         self.set_group_counter("cram_step", self._steps)
         return loss
 
+    def discard_step(self) -> None:
+        """The step prepared by the driving callback is not taken (lightning_ext.callbacks.NonFiniteGuard skipped
+        it): forget its second pass; the step counter, and so the next sparsity draw, stay where they were."""
+        self._second_pass_done = False
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._steps = int(self.param_groups[0].get("cram_step", 0))

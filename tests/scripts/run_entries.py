@@ -10,7 +10,9 @@ entry writes under ``OUT/<entry>/``:
 * ``--mode stop``: ``entry.resume_at`` steps with a checkpoint there (``ckpt/stop.ckpt``). The launch is killed
   with SIGKILL right after the last entry's checkpoint is written (every rank, after a barrier: the checkpoint
   is complete when the save returns, nothing after it — the rest of the step, teardown — contributes);
-* ``--mode resume``: from ``ckpt/stop.ckpt`` to ``entry.steps``; end state in ``resumed/rank<r>.pt``.
+* ``--mode resume``: from ``ckpt/stop.ckpt`` to ``entry.steps``; end state in ``resumed/rank<r>.pt``;
+* ``--mode nonfinite``: the NaN-sample experiment (``harness.nonfinite_run``, one NaN sample on rank 0 at step
+  ``--nan-at``): the guarded run's end state in ``straight/``, the run without that batch in ``reference/``.
 
 A refusal at setup is written to ``OUT/<entry>/<mode>-errors/error<r>.txt`` and the next entry runs.
 """
@@ -65,7 +67,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--strategy", required=True)
-    parser.add_argument("--mode", choices=["straight", "stop", "resume"], default="straight")
+    parser.add_argument("--mode", choices=["straight", "stop", "resume", "nonfinite"], default="straight")
     parser.add_argument("--entries", default="", help="comma-separated names (default: every registry entry)")
     parser.add_argument("--shard-local", action="store_true",
                         help="negative control: the sharded optimizers' statistics without their all-reduce")
@@ -78,6 +80,7 @@ def main() -> int:
     parser.add_argument("--accumulate", type=int, default=1,
                         help="accumulate_grad_batches, over whole steps only (harness.accumulation_settings)")
     parser.add_argument("--steps", type=int, default=0, help="train this many steps instead of entry.steps")
+    parser.add_argument("--nan-at", type=int, default=9, help="--mode nonfinite: the step with the NaN sample")
     args = parser.parse_args()
     from lightning_ext.optimizers import _sharding
 
@@ -102,7 +105,7 @@ def main() -> int:
 
     logging.getLogger("lightning").setLevel(logging.WARNING)
     import lightning_ext.strategies  # noqa: F401  (registers deepspeed_cpu*, fsdp_cpu)
-    from harness import DumpRankState, accumulation_settings, fit
+    from harness import DumpRankState, accumulation_settings, fit, nonfinite_run
     from registry import BY_NAME, REGISTRY
 
     entries = [BY_NAME[n] for n in args.entries.split(",")] if args.entries else REGISTRY
@@ -118,6 +121,10 @@ def main() -> int:
             if args.mode == "straight":
                 fit(entry, out, entry.steps, callbacks=[DumpRankState(out / "straight")],
                     strategy=_strategy(args.strategy), **quiet)
+            elif args.mode == "nonfinite":
+                for side, folder in ((False, "straight"), (True, "reference")):
+                    nonfinite_run(entry, out, entry.steps, args.nan_at, side, [DumpRankState(out / folder)],
+                                  strategy=_strategy(args.strategy), **quiet)
             elif args.mode == "stop":
                 last = i == len(entries) - 1
                 saver = _killing_checkpoint(out / "ckpt", entry.resume_at, kill=last)
