@@ -379,6 +379,26 @@ class PoisonStep(pl.Callback):
             self._handle = None
 
 
+class InfGradient(PoisonStep):
+    """A finite loss whose gradient is infinite at one element — element 0 of global rank 0's local gradient of
+    the first parameter (under FSDP2 its own shard; under DDP after the reduction) — at global step ``step``:
+    only that rank can see it."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if not (self.poisoned(trainer) and trainer.global_rank == 0):
+            return
+        grad = next(p.grad for p in pl_module.parameters() if p.grad is not None)
+        _local_view(grad).view(-1)[0] = float("inf")
+        self.hits += 1
+
+
+def _local_view(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def drop_batch(data: pl.LightningDataModule, index: int) -> pl.LightningDataModule:
     """``data`` whose training sampler leaves out batch ``index`` of the first epoch on every rank (the global batch
     ``index``): the reference of the NaN-sample experiment, the run whose bad batch was removed. Calibration reads

@@ -10,8 +10,10 @@ the global step start one step earlier (``harness.nonfinite_run``). On the previ
 ended with non-finite weights: the negative control below switches the guard off and sees it.
 
 **2 processes** (DDP, DeepSpeed ZeRO-2 in fp32 and in bf16-mixed, where DeepSpeed's own gradient check is off
-unless the guard turns it on, and FSDP2): the NaN sample is on rank 0 only; both ranks skip step 9 and end
-bit-identical to each other and to the same strategy's run without that batch.
+unless the guard turns it on, ZeRO-3 and FSDP2): the NaN sample is on rank 0 only; both ranks skip step 9 and end
+bit-identical to the same strategy's run without that batch. An infinite gradient element that only rank 0 sees
+(FSDP2: in its own shard) is skipped by both ranks; with each rank deciding alone (the negative control) they
+part.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import dataclasses
 import pytest
 import torch
 
-from harness import PoisonStep, differences, nonfinite_run, rank_states, snapshot
+from harness import InfGradient, PoisonStep, differences, nonfinite_run, rank_states, snapshot
 from lightning_ext.callbacks import NonFiniteGuard
 from lightning_ext.callbacks.nonfinite import ensure_guard
 from registry import BY_NAME, REGISTRY, Entry
@@ -94,26 +96,9 @@ def test_batchnorm_statistics_are_restored(tmp_path, monkeypatch):
     assert stats and not all(torch.isfinite(s).all() for s in stats)
 
 
-class _InfGradient(PoisonStep):
-    """A finite loss whose gradient is infinite at one element of the first layer's weight at step ``step``."""
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        weight = next(p for p in pl_module.parameters() if p.dim() > 1)
-
-        def poison(grad):
-            if not self.poisoned(trainer):
-                return grad
-            self.hits += 1
-            grad = grad.clone()
-            grad.view(-1)[0] = float("inf")
-            return grad
-
-        self._handle = weight.register_hook(poison)
-
-
 def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_too(tmp_path):
     entry = BY_NAME["adamp"]
-    poison = _InfGradient(AT)
+    poison = InfGradient(AT)
     with pytest.warns(UserWarning, match="step 9: non-finite gradients "):
         guarded = nonfinite_run(entry, tmp_path, STEPS, AT, reference=False, callbacks=[poison], **QUIET)
     assert poison.hits == 1
@@ -137,10 +122,10 @@ def test_consecutive_skips_stop_the_fit_with_the_weights_of_before(tmp_path):
 def test_on_by_default_switchable_and_counted_in_the_checkpoint(tmp_path):
     import lightning.pytorch as pl
 
-    from lightning_ext.callbacks import QuEST
+    from lightning_ext.callbacks import LossReweighting
 
-    trainer = pl.Trainer(callbacks=[QuEST()], logger=False)
-    QuEST.setup(trainer.callbacks[0], trainer, torch.nn.Linear(2, 2), "validate")
+    trainer = pl.Trainer(callbacks=[LossReweighting()], logger=False)
+    trainer.callbacks[0].setup(trainer, torch.nn.Linear(2, 2), "validate")
     assert sum(isinstance(cb, NonFiniteGuard) for cb in trainer.callbacks) == 1
     off = NonFiniteGuard(enabled=False)
     trainer = pl.Trainer(callbacks=[off], logger=False)
@@ -160,6 +145,7 @@ def test_on_by_default_switchable_and_counted_in_the_checkpoint(tmp_path):
 SHARDED = [("ddp", "32-true", ["baseline_adamw", "cram", "reweighting"]),
            ("deepspeed_cpu_stage_2", "32-true", ["adamp", "cram", "lawn"]),
            ("deepspeed_cpu_stage_2", "bf16-mixed", ["baseline_adamw", "fadam"]),
+           ("deepspeed_cpu_stage_3", "32-true", ["baseline_adamw", "cram"]),
            ("fsdp_cpu", "32-true", ["sgdp", "cram"])]
 
 
@@ -183,3 +169,29 @@ def test_every_rank_skips_the_step_and_equals_the_run_without_it(launches, strat
             assert a["global_step"] == 16 and b["global_step"] == 15
             for key in ("params", "optimizer", "callbacks"):
                 assert differences(a[key], b[key]) == [], (entry.name, rank, key)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp_cpu"])
+def test_a_gradient_only_one_rank_sees_is_skipped_by_every_rank(launches, strategy):
+    """An infinite gradient element on rank 0 only (under FSDP2 in rank 0's own shard), the loss finite everywhere:
+    the verdict is all-reduced, so both ranks skip and end equal to the run without that batch. The negative
+    control takes each rank's own verdict (no all-reduce): rank 0 skips, rank 1 steps, and the run ends away from
+    the reference."""
+    # torch AdamW: no collective inside its step (AdamP's statistics all-reduce there; with one rank skipping and
+    # the other stepping, the control would deadlock)
+    entry = dataclasses.replace(BY_NAME["baseline_adamw"], steps=16)
+    for control in (False, True):
+        extra = ("--steps", "16", "--poison", "gradient", *(["--local-verdict"] if control else []))
+        launch = launches.get(strategy, "nonfinite", [entry], *extra)
+        ranks = launch.states(entry)
+        skipped = [r["callbacks"].pop(NonFiniteGuard.__qualname__)["skipped"] for r in ranks]
+        reference = rank_states(launch.out / entry.name / "reference", 2)
+        if control:
+            assert skipped == [1, 0]  # rank 0 skipped, rank 1 stepped
+            assert differences(ranks[0]["params"], reference[0]["params"]) != []
+        else:
+            assert skipped == [1, 1]
+            for a, b in zip(ranks, reference):
+                assert differences(a["params"], b["params"]) == [] and differences(a["optimizer"], b["optimizer"]) == []

@@ -164,10 +164,16 @@ class NonFiniteGuard(pl.Callback):
             self._verdict = (self._all_ranks(self._loss_flag(), torch.zeros(()))[0], False)
 
     def _skips(self, top: torch.optim.Optimizer) -> bool:
-        """In the optimizer's ``step``: whether to skip it (decided once per step on every rank alike)."""
-        if self._verdict is None:  # not DeepSpeed: the loss and the gradients the optimizer is about to apply
-            self._verdict = self._all_ranks(self._loss_flag(), _grads_not_finite(top))
-        return any(self._verdict)
+        """In the optimizer's ``step``: whether to skip it, on every rank alike. Under DeepSpeed the verdict was
+        taken at the accumulation boundary (the engine calls ``step`` once per param group); elsewhere each call
+        checks the loss and the gradients it is about to apply (manual optimization may step several
+        optimizers in one batch)."""
+        if self._boundary:
+            return any(self._verdict or ())
+        verdict = self._all_ranks(self._loss_flag(), _grads_not_finite(top))
+        previous = self._verdict or (False, False)
+        self._verdict = (previous[0] or verdict[0], previous[1] or verdict[1])
+        return any(verdict)
 
     def _loss_flag(self) -> torch.Tensor:
         return self._bad_loss if self._bad_loss is not None else torch.zeros((), dtype=torch.bool)

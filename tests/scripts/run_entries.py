@@ -81,6 +81,11 @@ def main() -> int:
                         help="accumulate_grad_batches, over whole steps only (harness.accumulation_settings)")
     parser.add_argument("--steps", type=int, default=0, help="train this many steps instead of entry.steps")
     parser.add_argument("--nan-at", type=int, default=9, help="--mode nonfinite: the step with the NaN sample")
+    parser.add_argument("--poison", choices=["sample", "gradient"], default="sample",
+                        help="--mode nonfinite: a NaN sample (harness.PoisonStep) or one infinite gradient element "
+                             "on rank 0 only (harness.InfGradient)")
+    parser.add_argument("--local-verdict", action="store_true",
+                        help="negative control: NonFiniteGuard decides on each rank's own flags (no all-reduce)")
     args = parser.parse_args()
     from lightning_ext.optimizers import _sharding
 
@@ -96,6 +101,11 @@ def main() -> int:
         reduce = _sharding.all_reduce
         _sharding.all_reduce = lambda tensor, group: (calls.append(tensor.numel()), reduce(tensor, group))
 
+    if args.local_verdict:
+        from lightning_ext.callbacks.nonfinite import NonFiniteGuard
+
+        NonFiniteGuard._all_ranks = lambda self, loss, grads: (bool(loss), bool(grads))  # noqa: SLF001
+
     if args.engine_scales_loss:
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -105,7 +115,7 @@ def main() -> int:
 
     logging.getLogger("lightning").setLevel(logging.WARNING)
     import lightning_ext.strategies  # noqa: F401  (registers deepspeed_cpu*, fsdp_cpu)
-    from harness import DumpRankState, accumulation_settings, fit, nonfinite_run
+    from harness import DumpRankState, InfGradient, accumulation_settings, fit, nonfinite_run
     from registry import BY_NAME, REGISTRY
 
     entries = [BY_NAME[n] for n in args.entries.split(",")] if args.entries else REGISTRY
@@ -122,8 +132,10 @@ def main() -> int:
                 fit(entry, out, entry.steps, callbacks=[DumpRankState(out / "straight")],
                     strategy=_strategy(args.strategy), **quiet)
             elif args.mode == "nonfinite":
+                poison = [InfGradient(args.nan_at)] if args.poison == "gradient" else []
                 for side, folder in ((False, "straight"), (True, "reference")):
-                    nonfinite_run(entry, out, entry.steps, args.nan_at, side, [DumpRankState(out / folder)],
+                    nonfinite_run(entry, out, entry.steps, args.nan_at, side,
+                                  [DumpRankState(out / folder), *([] if side else poison)],
                                   strategy=_strategy(args.strategy), **quiet)
             elif args.mode == "stop":
                 last = i == len(entries) - 1
