@@ -195,3 +195,13 @@ def test_a_gradient_only_one_rank_sees_is_skipped_by_every_rank(launches, strate
             assert skipped == [1, 1]
             for a, b in zip(ranks, reference):
                 assert differences(a["params"], b["params"]) == [] and differences(a["optimizer"], b["optimizer"]) == []
+
+
+def test_an_optimizer_that_evaluates_the_closure_itself_is_left_unguarded_with_a_warning(tmp_path):
+    """The check cannot sit between LBFGS's closure calls and its update: the guard says so and claims nothing."""
+    from registry import MLPWith
+
+    entry = dataclasses.replace(BY_NAME["adamp"], name="lbfgs", model=lambda: MLPWith("torch.optim.LBFGS", lr=0.1))
+    with pytest.warns(UserWarning, match="LBFGS evaluates the closure itself, so its steps are not guarded"):
+        trainer = nonfinite_run(entry, tmp_path, 12, AT, reference=False, **QUIET)
+    assert _guard(trainer).state_dict()["skipped"] == 0

@@ -108,7 +108,8 @@ class NonFiniteGuard(pl.Callback):
                 zero.check_grad_overflow = True  # DeepSpeed's own skip on a non-finite gradient norm, also in bf16
             needs = _needs_closure(top)
             if needs:
-                rank_zero_warn(f"NonFiniteGuard: {needs} evaluates the closure itself; its steps are not guarded")
+                rank_zero_warn(f"NonFiniteGuard: {needs} evaluates the closure itself, so its steps are not guarded "
+                               "(CrAM: the callback lightning_ext.callbacks.CrAM runs both passes itself and is)")
                 continue
             self._install(top)
 
@@ -195,14 +196,17 @@ class NonFiniteGuard(pl.Callback):
             if not self._boundary:
                 return  # a micro-batch inside the engine's accumulation
             loss_bad, _ = self._verdict or (False, False)
-            grads_bad = bool(getattr(zero, "overflow", False))  # the engine's own skip
+            # the engine's own skip; under fp16 an overflow is its loss scaler's business, as with the GradScaler
+            grads_bad = bool(getattr(zero, "overflow", False)) and not str(trainer.precision).startswith("16")
             verdict = (loss_bad, grads_bad)
         elif self._verdict is not None:
             verdict = self._verdict
         elif trainer.global_step == self._start_step:
             return  # inside Lightning's accumulation: the step has not come yet
-        else:  # no guarded step ran: the GradScaler skipped it (counted when the loss was bad), or nothing to do
-            verdict = (bool(self._loss_flag()), False)
+        elif self._installed:  # no guarded step ran: the GradScaler skipped it (counted when a loss was bad)
+            verdict = (self._all_ranks(self._loss_flag(), torch.zeros(()))[0], False)
+        else:  # nothing is guarded (an optimizer that evaluates the closure itself)
+            verdict = (False, False)
         if any(verdict):
             self._skipped(trainer, pl_module, verdict)
         else:
