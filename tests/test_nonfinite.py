@@ -90,7 +90,7 @@ def test_batchnorm_statistics_are_restored(tmp_path, monkeypatch):
     assert differences(_comparable(guarded), _comparable(reference)) == []
     from lightning_ext.callbacks import nonfinite
 
-    monkeypatch.setattr(nonfinite, "_restore_running_stats", lambda kept: None)
+    monkeypatch.setattr(nonfinite, "restore_running_stats", lambda kept: None)
     unrestored = nonfinite_run(entry, tmp_path / "b", STEPS, AT, reference=False, **QUIET)
     stats = [v for k, v in unrestored.lightning_module.state_dict().items() if "running_" in k]
     assert stats and not all(torch.isfinite(s).all() for s in stats)

@@ -53,6 +53,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_ext._checks import check_bool, check_int
+from lightning_ext.nn.pruning import restore_running_stats, running_stats
 
 __all__ = ["NonFiniteGuard", "ensure_guard"]
 
@@ -80,6 +81,8 @@ class NonFiniteGuard(pl.Callback):
         self.state: dict[str, Any] = {"skipped": 0, "consecutive": 0, "last": []}
         self._installed: list[tuple[torch.optim.Optimizer, Any]] = []
         self._trainer: pl.Trainer | None = None
+        self._zero: Any = None  # DeepSpeed's ZeRO optimizer, under DeepSpeed
+        self._norm_layers: list[nn.Module] = []  # the module's normalization layers
         self._reset_step()
 
     def _reset_step(self) -> None:
@@ -102,8 +105,11 @@ class NonFiniteGuard(pl.Callback):
             return
         self._trainer = trainer
         self._reset_step()
+        norm = nn.modules.batchnorm._NormBase  # noqa: SLF001 - BatchNorm and the InstanceNorms that track statistics
+        self._norm_layers = [m for m in pl_module.modules() if isinstance(m, norm)]
         for optimizer in trainer.optimizers:
             zero, top = _engine_and_user_optimizer(optimizer)
+            self._zero = self._zero or zero  # DeepSpeed holds one optimizer
             if zero is not None and hasattr(zero, "check_grad_overflow"):
                 zero.check_grad_overflow = True  # DeepSpeed's own skip on a non-finite gradient norm, also in bf16
             needs = _needs_closure(top)
@@ -138,14 +144,14 @@ class NonFiniteGuard(pl.Callback):
                 top.__dict__.pop("step", None)
             else:
                 top.step = own
-        self._installed = []
+        self._installed, self._zero, self._norm_layers = [], None, []
         self._reset_step()
 
     # -- per micro-batch -----------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self.enabled and self._norms is None:  # the step's first micro-batch: before its forward
-            self._norms = _running_stats(pl_module)
+            self._norms = running_stats(self._norm_layers)
             self._start_step = trainer.global_step
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
@@ -155,7 +161,7 @@ class NonFiniteGuard(pl.Callback):
         self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if not self.enabled or _engine_and_user_optimizer(optimizer)[0] is None:
+        if not self.enabled or self._zero is None:
             return
         # DeepSpeed: Lightning steps the engine after every micro-batch; the step happens at its boundary, where
         # the loss verdict is taken (for every param group the engine steps); the gradients are the engine's
@@ -191,7 +197,7 @@ class NonFiniteGuard(pl.Callback):
                            batch_idx: int) -> None:
         if not self.enabled:
             return
-        zero = _engine_and_user_optimizer(trainer.optimizers[0])[0] if trainer.optimizers else None
+        zero = self._zero
         if zero is not None:
             if not self._boundary:
                 return  # a micro-batch inside the engine's accumulation
@@ -217,7 +223,7 @@ class NonFiniteGuard(pl.Callback):
         self._reset_step()
 
     def _skipped(self, trainer: pl.Trainer, pl_module: pl.LightningModule, verdict: tuple[bool, bool]) -> None:
-        _restore_running_stats(self._norms)
+        restore_running_stats(self._norms or [])
         for optimizer in trainer.optimizers:
             for member in _stack(_engine_and_user_optimizer(optimizer)[1]):
                 discard = getattr(member, "discard_step", None)
@@ -289,20 +295,3 @@ def _grads_not_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
         return torch.zeros((), dtype=torch.bool)
     largest = torch._foreach_norm(grads, float("inf"))  # NaN and inf propagate through the max
     return ~torch.stack([m.float().to(largest[0].device) for m in largest]).isfinite().all()
-
-
-def _running_stats(module: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
-    """A copy of every normalization layer's running statistics (what a forward in training mode changes)."""
-    kept = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:  # noqa: SLF001
-            kept.append((m, {name: b.detach().clone() for name, b in m.named_buffers(recurse=False)
-                             if b is not None}))
-    return kept
-
-
-def _restore_running_stats(kept: list[tuple[nn.Module, dict[str, torch.Tensor]]] | None) -> None:
-    with torch.no_grad():
-        for module, buffers in kept or []:
-            for name, value in buffers.items():
-                getattr(module, name).copy_(value)

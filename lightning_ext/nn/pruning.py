@@ -109,19 +109,29 @@ def batchnorm_modules(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm)]
 
 
+def running_stats(modules: Iterable[nn.Module]) -> list[tuple[nn.Module, dict[str, torch.Tensor]]]:
+    """A copy of the running statistics (and batch counters) of the normalization layers among ``modules`` that
+    track them: what a forward in training mode changes."""
+    return [(m, {name: b.detach().clone() for name, b in m.named_buffers(recurse=False) if b is not None})
+            for m in modules if m.track_running_stats]
+
+
+def restore_running_stats(saved: Iterable[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
+    """Put back what :func:`running_stats` copied."""
+    with torch.no_grad():
+        for module, buffers in saved:
+            for name, value in buffers.items():
+                getattr(module, name).copy_(value)
+
+
 @contextlib.contextmanager
 def frozen_batchnorm_stats(modules: Iterable[_BatchNorm]) -> Iterator[None]:
     """BatchNorm running statistics (and batch counters) come out of the block exactly as they went in."""
-    modules = [m for m in modules if m.track_running_stats]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in modules]
+    saved = running_stats(modules)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, (mean, var, count) in zip(modules, saved):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+        restore_running_stats(saved)
 
 
 @torch.no_grad()
