@@ -1,4 +1,4 @@
-"""CrAM's cost per training step (goal: <= 2.1x a plain step; two forward/backward passes make 2.0x).
+"""CrAM's cost per training step (goal: <= 2.05x a plain step; two forward/backward passes make 2.0x).
 
     python -m benchmarks.cram [--repeats 15]
 

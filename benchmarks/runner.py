@@ -100,12 +100,16 @@ def format_table(results: list[Result], baseline: str, title: str = "", unit: st
     return "\n".join(lines)
 
 
-def benchmark_args(description: str, device: bool = False) -> argparse.Namespace:
+def benchmark_args(description: str, device: bool = False, clock: bool = False) -> argparse.Namespace:
     """Common flags: ``--repeats``, ``--threads`` (default: torch's), ``--quick`` (few repeats); with
-    ``device=True`` also ``--device`` (default ``cpu``; the cases must synchronise a CUDA device themselves)."""
-    parser = argparse.ArgumentParser(description=description)
+    ``device=True`` also ``--device`` (default ``cpu``; the cases must synchronise a CUDA device themselves); with
+    ``clock=True`` also ``--clock`` (``wall``, or ``cpu``: the process's CPU time, which a shared machine's
+    descheduling does not inflate; a collective's wait is not counted there, its work is)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if device:
         parser.add_argument("--device", default="cpu")
+    if clock:
+        parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="3 repeats, for a smoke run")

@@ -122,8 +122,14 @@ def _every_entry_matches(root: nn.Module, names: list[str], what: str, patterns:
 
 
 def technique_of(module: nn.Module) -> str | None:
-    """The technique whose surgery installed ``module`` (its class's ``surgery_technique``), if any."""
-    return getattr(type(module), "surgery_technique", None)
+    """The technique whose surgery installed ``module`` (its class's ``surgery_technique``) or reparameterized it
+    (a ``torch.nn.utils.parametrize`` parametrization whose class names one), if any."""
+    owner = getattr(type(module), "surgery_technique", None)
+    if owner is None and hasattr(module, "parametrizations"):
+        owners = [getattr(type(p), "surgery_technique", None) for plist in module.parametrizations.values()
+                  for p in plist]
+        owner = next((o for o in owners if o is not None), None)
+    return owner
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -133,12 +139,15 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def replace_modules(root: nn.Module, targets: Sequence[str] | Sequence[tuple[str, nn.Module]],
-                    factory: Callable[[str, nn.Module], nn.Module]) -> dict[str, nn.Module]:
+                    factory: Callable[[str, nn.Module], nn.Module], technique: str | None = None) -> dict[str, nn.Module]:
     """Replace each named submodule by ``factory(name, old)``; all or nothing.
 
     Every replacement is built first; if any factory call raises, nothing is installed and a
     :class:`SurgeryError` names the module that failed. Targets nested inside other targets are
     refused (replacing the outer one would orphan the inner replacement).
+
+    ``technique``: the caller's name, for the refusal when a module another technique installed or
+    reparameterized cannot be replaced (the new module's class names it otherwise).
 
     Returns ``{name: new_module}``.
     """
@@ -158,23 +167,30 @@ def replace_modules(root: nn.Module, targets: Sequence[str] | Sequence[tuple[str
         except AttributeError as err:
             raise SurgeryError(f"replace_modules: {root.__class__.__name__} has no submodule {name!r}. "
                                f"Modules that exist:\n{describe_modules(root)}") from err
+        owner = technique_of(old)
         try:
             new = factory(name, old)
         except Exception as err:
+            if owner is not None and owner != technique:
+                raise _collision(technique or "this surgery", owner, name, old) from err
             raise SurgeryError(f"replacing {name!r} ({type(old).__name__}) failed, model left unchanged: "
                                f"{type(err).__name__}: {err}") from err
         if not isinstance(new, nn.Module):
             raise SurgeryError(f"the factory returned {type(new).__name__} for {name!r}, not an nn.Module; "
                                "model left unchanged")
-        owner, incoming = technique_of(old), technique_of(new)
+        incoming = technique_of(new) or technique
         if owner is not None and incoming is not None and owner != incoming:
-            raise SurgeryError(f"{incoming} and {owner} both rewrite {name!r}, which is already a {owner} layer "
-                               f"({type(old).__name__}); they do not compose on one layer. Exclude it from one of "
-                               f"them (targets / exclude); model left unchanged")
+            raise _collision(incoming, owner, name, old)
         new_modules[name] = new
     for name, new in new_modules.items():
         _set_submodule(root, name, new)
     return new_modules
+
+
+def _collision(incoming: str, owner: str, name: str, old: nn.Module) -> SurgeryError:
+    return SurgeryError(f"{incoming} and {owner} both rewrite {name!r}, which is already a {owner} layer "
+                        f"({type(old).__name__}); they do not compose on one layer. Exclude it from one of them "
+                        f"(targets / exclude); model left unchanged")
 
 
 def is_zero3_partitioned(module: nn.Module) -> bool:

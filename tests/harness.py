@@ -278,6 +278,7 @@ class Launches:
 
     def get(self, strategy: str, mode: str = "straight", entries: Sequence[Entry] | None = None,
             *extra: str) -> Launch:
+        import hashlib
         import subprocess
         import sys
 
@@ -285,7 +286,8 @@ class Launches:
         key = (strategy, mode, names, extra)
         if key not in self.done:
             # one folder per (strategy, extra, entries): a resume finds the checkpoints its stop wrote there
-            out = self.root / "-".join([strategy, *(x.strip("-") for x in extra)]) / (names or "all")
+            folder = names if len(names) <= 120 else f"{len(entries)}-entries-{hashlib.sha1(names.encode()).hexdigest()[:12]}"
+            out = self.root / "-".join([strategy, *(x.strip("-") for x in extra)]) / (folder or "all")
             out.mkdir(parents=True, exist_ok=True)
             proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--strategy", strategy, "--mode", mode,
                                    *(["--entries", names] if names else []), *extra], cwd=out, capture_output=True,

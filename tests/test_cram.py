@@ -102,6 +102,42 @@ def test_matches_the_transcription(plus, sparse_grad):
     assert max_diff(ours, plain) > 1e-3  # CrAM changed the trajectory
 
 
+@pytest.mark.parametrize("layout", ["own storage", "views of one flat buffer"])
+def test_perturbation_and_restore_by_storage_layout(layout):
+    """A parameter that is all of its storage is pointed at a kept buffer for pass 2 and back (nothing copied);
+    parameters sharing one flat buffer (DeepSpeed's, FSDP's layout) are perturbed in place and copied back, the
+    buffer kept. Both equal the float64 transcription."""
+    model = mlp()
+    params = list(model.parameters())
+    flat = None
+    if layout != "own storage":
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        at = 0
+        for p in params:
+            p.data = flat[at:at + p.numel()].view_as(p)
+            at += p.numel()
+    ptrs = [p.data_ptr() for p in params]
+    opt = CrAM(sgd(params), model=model, rho=0.05, sparsities=[0.7])
+    during = []
+    for x, y in digits_batches(STEPS, dtype=torch.float64):
+        inner = closure_for(model, opt, x, y)
+
+        def closure():
+            during.append([p.data_ptr() for p in params])
+            return inner()
+
+        opt.step(closure)
+        assert [p.data_ptr() for p in params] == ptrs  # restored into the parameters' own storage
+    pass_two = during[1::2]
+    if flat is None:
+        assert all(all(a != b for a, b in zip(seen, ptrs)) for seen in pass_two)
+    else:
+        assert all(seen == ptrs for seen in pass_two)
+        assert flat.data_ptr() == ptrs[0]
+    ref = transcription(mlp(), 0.05, 0.7, True, True)
+    assert max_diff(model, ref) <= 1e-10
+
+
 @pytest.mark.parametrize("plus", [True, False])
 def test_reductions_to_the_base_optimizer(plus):
     """rho = 0 and sparsity 0: CrAM is the base optimizer; CrAM+ the base with a doubled gradient."""
@@ -374,10 +410,16 @@ def test_wraps_a_bitsandbytes_8bit_optimizer():
     assert max_diff(ours, plain) > 1e-3
 
 
+@pytest.mark.parametrize("path", ["kernel", "aten"])
 @pytest.mark.parametrize("case", ["normal", "ties", "sorted", "reversed", "tiny-k", "all-k"])
-def test_kth_smallest_equals_kthvalue(case):
+def test_kth_smallest_equals_kthvalue(case, path, monkeypatch):
+    from lightning_ext.nn import pruning
     from lightning_ext.nn.pruning import kth_smallest
 
+    if path == "aten":
+        monkeypatch.setenv("LIGHTNING_EXT_SELECT_KERNEL", "0")
+    else:
+        assert pruning._select_kernel(torch.zeros(3)) is not None  # the C++ kernel built here
     g = torch.Generator().manual_seed(0)
     n = 600_000
     values = {"normal": torch.randn(n, generator=g).abs(),
@@ -388,3 +430,21 @@ def test_kth_smallest_equals_kthvalue(case):
     ks = {"tiny-k": [1, 2, 17], "all-k": [n, n - 1]}.get(case, [n // 10, n // 2, int(n * 0.9), int(n * 0.95)])
     for k in ks:
         assert torch.equal(kth_smallest(values, k), torch.kthvalue(values, k).values), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_bracket_kernel_counts_and_gathers_as_aten(dtype):
+    """The one-pass C++ bracket (AVX-512 for float32/float64 where the CPU has it, scalar otherwise, and for the
+    tail) equals ATen's lt / le / boolean indexing, NaN included (neither below nor inside), in order."""
+    from lightning_ext.nn.pruning import _select_kernel
+
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(100_003, generator=g).abs().to(dtype)  # not a multiple of 16 or 8: the scalar tail runs
+    values[::97] = values[11]  # ties at the bracket's edge
+    values[5::1013] = float("nan")
+    kernel = _select_kernel(values)
+    for lo, hi in ((values[11], values[11]), (values[11], values[11] * 2), (values.new_tensor(0.0), values[11])):
+        below, inside = kernel.bracket_gather(values, lo, hi)
+        assert below == int((values < lo).sum())
+        assert torch.equal(inside, values[(values >= lo) & (values <= hi)]), (lo, hi)
+        assert inside.dtype == dtype

@@ -68,7 +68,7 @@ print(max((a - b).abs().max().item() for a, b in zip(ps[False], ps[True])))
     assert float(diff) <= 1e-12
 
 
-def test_a_build_that_cannot_happen_says_what_to_install(monkeypatch, tmp_path):
+def test_a_build_that_cannot_happen_says_what_to_install(monkeypatch, tmp_path, caplog):
     build = _fused_cpu.extension.__wrapped__  # not the cached, already-built one
     monkeypatch.setattr(_fused_cpu, "SOURCE", tmp_path / "fused_cpu.cpp")
     with pytest.raises(RuntimeError, match=r"C\+\+ source .* is missing from this installation.*fused=False"):
@@ -82,3 +82,8 @@ def test_a_build_that_cannot_happen_says_what_to_install(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match=r"pip install ninja"):
         build()
     assert _fused_cpu.missing_build_requirement() is not None
+    # the selection kernel is optional: where it cannot be built, kth_smallest uses ATen, said once in the log
+    select = _fused_cpu.select_extension.__wrapped__
+    with caplog.at_level("WARNING", logger="lightning_ext.optimizers._fused_cpu"):
+        assert select() is None
+    assert "pip install ninja" in caplog.text and "uses ATen's kernels instead" in caplog.text

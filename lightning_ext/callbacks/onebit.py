@@ -96,7 +96,7 @@ class OneBit(Technique):
         todo = [n for n, m in selected if not isinstance(m, OneBitLinear)]
         if todo:
             replace_modules(model, todo, lambda _, old: OneBitLinear.from_linear(
-                old, self.init if init else None, self.latent_scale, self.layer_norm))
+                old, self.init if init else None, self.latent_scale, self.layer_norm), technique="OneBit")
         if self.freeze is not None:
             frozen = select_modules(model, self.freeze, what="OneBit freeze")
             for _, m in frozen:

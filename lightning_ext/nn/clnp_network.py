@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from lightning_ext.nn.clnp import FREE, CLNPLinear, check_no_normalization, threshold_search
-from lightning_ext.surgery import SurgeryError, describe_modules, gathered_parameters, replace_modules
+from lightning_ext.surgery import (SurgeryError, describe_modules, gathered_parameters, replace_modules,
+                                   technique_of)
 
 __all__ = ["CLNPNetwork"]
 
@@ -53,6 +54,25 @@ class CLNPNetwork:
         if not names:
             raise SurgeryError("CLNP: no hidden nn.Linear layers found. Modules that exist:\n"
                                f"{describe_modules(model)}")
+        if layer_names is None:  # a layer another technique installed that is not an nn.Linear: not in the chain
+            foreign = [(n, technique_of(m)) for n, m in model.named_modules()
+                       if technique_of(m) not in (None, "CLNP") and not isinstance(m, nn.Linear)
+                       and ".parametrizations." not in f".{n}."  # a reparameterized Linear is one, refused below
+                       and not (n == heads_name or n.startswith(heads_name + "."))]
+            if foreign:
+                name, owner = foreign[0]
+                raise SurgeryError(f"CLNP and {owner} do not compose: {name!r} is a {owner} layer "
+                                   f"({type(model.get_submodule(name)).__name__}), not an nn.Linear, so CLNP would "
+                                   "leave its neurons unpruned and unfrozen between tasks. Name CLNP's layers "
+                                   "(layers=...) or exclude it from one of them; model left unchanged")
+        adapted = _adapter_layer(model, names)
+        if adapted is not None:
+            name, adapter = adapted
+            raise SurgeryError(f"CLNP and {adapter} do not compose: CLNP prunes and freezes the neurons of the "
+                               f"network's Linear layers, and {adapter} has wrapped {name!r} in an adapter layer "
+                               "(its low-rank factors would read as layers of the chain). Train the adapter and "
+                               "CLNP in separate fits, or name CLNP's layers (layers=...) outside the adapter's "
+                               "targets (model left unchanged)")
         check_no_normalization(model, names)
         layers = [model.get_submodule(n) if _has(model, n) else None for n in names]
         missing = [n for n, m in zip(names, layers) if not isinstance(m, nn.Linear)]
@@ -67,7 +87,8 @@ class CLNPNetwork:
             raise ValueError(f"CLNP: every head must read the last layer's {layers[-1].out_features} neurons")
         todo = [n for n, m in zip(names, layers) if not isinstance(m, CLNPLinear)]
         if todo:
-            replace_modules(model, todo, lambda _, old: CLNPLinear.from_linear(old))
+            replace_modules(model, todo, lambda _, old: CLNPLinear.from_linear(old),
+                            technique="CLNP")
         for i, head in enumerate(heads):
             if not isinstance(head, CLNPLinear):
                 heads[i] = CLNPLinear.from_linear(head, row_alloc=i)
@@ -180,3 +201,18 @@ class CLNPNetwork:
             rows.append({"new": int((layer.alloc == task).sum()), "reused": reused,
                          "free": int((layer.alloc == FREE).sum())})
         return rows
+
+
+def _adapter_layer(model: nn.Module, names: Sequence[str]) -> tuple[str, str] | None:
+    """The first module a peft adapter installed that holds one of ``names``, with the adapter's name (``LoRA``
+    for peft's lora layers, else the tuner's package name), or ``None``."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return None
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) and any(n == name or n.startswith(name + ".") for n in names):
+            tuner = type(module).__module__.split(".")[2] if type(module).__module__.startswith("peft.tuners.") \
+                else type(module).__name__
+            return name, {"lora": "LoRA", "miss": "Bone"}.get(tuner, tuner)
+    return None

@@ -53,6 +53,9 @@ class Compander(nn.Module):
         learnable: hyper-parameters are ``nn.Parameter`` (else buffers).
     """
 
+    #: a module reparameterized by a compander belongs to WeightCompander (lightning_ext.surgery.technique_of)
+    surgery_technique = "WeightCompander"
+
     def __init__(self, alpha: float | None = None, beta: float = 1.5, alpha_scale: float = 2.0,
                  learnable: bool = True) -> None:
         super().__init__()

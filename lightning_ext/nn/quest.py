@@ -233,7 +233,8 @@ def apply_quest(model: nn.Module, targets: Any = None, exclude: Any = DEFAULT_EX
     selected = select_modules(model, targets, types=[nn.Linear], exclude=exclude, what="QuEST targets")
     todo = [name for name, m in selected if not isinstance(m, QuestLinear)]
     if todo:
-        replace_modules(model, todo, lambda _, old: QuestLinear.from_linear(old, **layer_args))
+        replace_modules(model, todo, lambda _, old: QuestLinear.from_linear(old, **layer_args),
+                        technique="QuEST")
     return {name: model.get_submodule(name) for name, _ in selected}
 
 

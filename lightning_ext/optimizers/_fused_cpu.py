@@ -1,4 +1,5 @@
-"""The fused CPU steps of AdamP, SGDP and FAdam (``fused=True``): a small C++ extension.
+"""The fused CPU steps of AdamP, SGDP and FAdam (``fused=True``), and the one-pass bracket of the exact top-k
+selection (:func:`select_extension`): small C++ extensions.
 
 On CPU the eager paths run ~20 ATen kernels per tensor and torch's own foreach path is slower
 than its single-tensor one; ``torch.compile`` of the same step measured 4-8x slower than torch's
@@ -25,6 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
+SELECT_SOURCE = Path(__file__).with_name("csrc") / "select_cpu.cpp"
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 # Reassociation lets the compiler vectorise the row sums (their order differs from ATen's anyway);
 # no -ffinite-math-only, so NaN/inf behave as in the eager path. -march=native: the build is cached
@@ -33,10 +35,12 @@ CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fas
           "-fopenmp"]
 
 
-def missing_build_requirement() -> str | None:
-    """What the build lacks, said so that the user can act on it (``None``: source, compiler, ninja all there)."""
-    if not SOURCE.is_file():
-        return (f"its C++ source {SOURCE} is missing from this installation (a wheel built without package data?); "
+def missing_build_requirement(source: Path | None = None) -> str | None:
+    """What the build lacks, said so that the user can act on it (``None``: source, compiler, ninja all there).
+    ``source``: the optimizer kernels' by default."""
+    source = SOURCE if source is None else source
+    if not source.is_file():
+        return (f"its C++ source {source} is missing from this installation (a wheel built without package data?); "
                 "reinstall lightning-ext from a release or from the repository")
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
@@ -49,24 +53,45 @@ def missing_build_requirement() -> str | None:
     return None
 
 
-@functools.cache
-def extension() -> ModuleType:
-    """Build (once per machine) and load the extension."""
+def _build(name: str, source: Path, what: str, flags: list[str], fallback: str) -> ModuleType:
+    """Compile (once per machine, cached under ``TORCH_EXTENSIONS_DIR``) and load one extension, or raise a
+    ``RuntimeError`` that says what is missing and what ``fallback`` to use."""
     from torch.utils.cpp_extension import load
 
-    missing = missing_build_requirement()
+    missing = missing_build_requirement(source)
     if missing is not None:
-        raise RuntimeError(f"fused=True needs the lightning_ext C++ kernels, which cannot be built: {missing}. "
-                           "Or use fused=False.")
-    log.info("lightning_ext: compiling the fused CPU optimizer kernels (first use only, about a minute)")
+        raise RuntimeError(f"{what} needs the lightning_ext C++ kernels, which cannot be built: {missing}. "
+                           f"Or use {fallback}.")
+    log.info("lightning_ext: compiling %s (first use only)", what)
     try:
-        return load(name="lightning_ext_fused_cpu", sources=[str(SOURCE)],
-                    extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        return load(name=name, sources=[str(source)], extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
                     verbose=os.environ.get("LIGHTNING_EXT_VERBOSE_BUILD") == "1")
     except (RuntimeError, OSError) as err:  # the compiler failed
-        raise RuntimeError(f"fused=True needs the lightning_ext C++ kernels, which failed to build ({err}). "
-                           "Set LIGHTNING_EXT_VERBOSE_BUILD=1 to see the compiler's output, or use "
-                           "fused=False.") from err
+        raise RuntimeError(f"{what} needs the lightning_ext C++ kernels, which failed to build ({err}). "
+                           f"Set LIGHTNING_EXT_VERBOSE_BUILD=1 to see the compiler's output, or use "
+                           f"{fallback}.") from err
+
+
+@functools.cache
+def extension() -> ModuleType:
+    """Build (once per machine, about a minute) and load the fused optimizer kernels."""
+    return _build("lightning_ext_fused_cpu", SOURCE, "fused=True (the fused CPU optimizer kernels)", CFLAGS,
+                  "fused=False")
+
+
+@functools.cache
+def select_extension() -> ModuleType | None:
+    """The one-pass bracket kernel of :func:`lightning_ext.nn.pruning.kth_smallest` (``csrc/select_cpu.cpp``, a
+    few seconds to build on first use), or ``None`` where it cannot be built: the selection then runs on ATen
+    kernels, exact as well, slower (said once in the log)."""
+    try:
+        return _build("lightning_ext_select_cpu", SELECT_SOURCE, "the top-k selection kernel",
+                      ["-O3", "-march=native"],
+                      "nothing: the ATen path is used")
+    except RuntimeError as err:
+        log.warning("lightning_ext: %s; the top-k threshold uses ATen's kernels instead (exact, slower)", err)
+        return None
 
 
 def check_fused_params(name: str, param_groups: list[dict]) -> None:

@@ -8,7 +8,10 @@ is not called — it would copy the groups — so the hook registries it would c
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 from torch.optim import Optimizer
@@ -50,5 +53,35 @@ class WrapperOptimizer(Optimizer):
 
     def set_group_counter(self, key: str, value: int) -> None:
         """A step counter kept in every param group (saved with the base's ``state_dict``)."""
-        for group in self.param_groups:
+        for group in self.base.param_groups:
             group[key] = value
+
+    @contextlib.contextmanager
+    def groups_stepped(self) -> Iterator[GroupCall]:
+        """The param groups this ``step`` call is for: their positions in the base's list, and whether they open
+        and close the step.
+
+        DeepSpeed ZeRO-1/2 steps the client optimizer once per param group, with ``param_groups`` set to that one
+        group for the call: on a wrapper that sets the wrapper's attribute, not the base's. Inside this context
+        the base sees the same groups (so a call steps only them), and the wrapper learns where they sit (its
+        once-per-step work belongs to the call that closes the step). Outside DeepSpeed: every group, at once."""
+        groups, full = self.param_groups, self.base.param_groups
+        if groups is full:
+            yield GroupCall(list(range(len(full))), True, True)
+            return
+        positions = [i for i, g in enumerate(full) if any(g is h for h in groups)]
+        self.base.param_groups = groups
+        try:
+            yield GroupCall(positions, positions[0] == 0, positions[-1] == len(full) - 1)
+        finally:
+            self.base.param_groups = full
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupCall:
+    """What :meth:`WrapperOptimizer.groups_stepped` tells: the positions of the call's param groups in the base's
+    list, and whether the call opens (``first``) and closes (``last``) the optimizer step."""
+
+    positions: list[int]
+    first: bool
+    last: bool

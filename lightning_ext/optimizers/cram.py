@@ -20,10 +20,12 @@ Defaults are the reference's ``TopkCrAM``: ρ = 0.05, sparsities (0.5, 0.7, 0.9)
 
 Where we differ from the reference code (``IST-DASLab/CrAM`` b89d9ff), on purpose:
 
-* parameters are restored with ``copy_`` (the reference rebinds ``p.data``, which breaks flat
-  parameters and CUDA graphs);
-* masks are boolean and freed after the step; the backup and the clean gradient live in buffers
-  reused every step (allocated once: fresh parameter-sized tensors page-fault on CPU), outside the
+* ``θ`` is restored from a kept copy, never by subtracting the perturbation. A parameter that owns its
+  storage keeps it untouched: ``θ + ρ g`` goes into a kept buffer that the parameter points at for pass 2
+  only, so nothing is copied (the reference rebinds ``p.data`` to fresh tensors every step). Views of flat
+  buffers (DeepSpeed, FSDP) and DTensors are copied into kept buffers and back, their storage kept;
+* masks are boolean and freed after the step; the perturbed weights, and the copies a view needs, live
+  in buffers reused every step (allocated once: fresh parameter-sized tensors page-fault on CPU), outside the
   state dict — the state dict is the base optimizer's, and loading it restores the base's momentum
   (the reference loses SGD's momentum on resume);
 * the sparsity draw is seeded by the step counter so every DDP rank compresses alike (the
@@ -118,6 +120,18 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: in-place ops write the DTensor), else the tensor itself."""
     return t.to_local() if _is_dtensor(t) else t
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    """A plain tensor that is all of its storage (DeepSpeed's and FSDP's parameters share flat buffers, DDP's
+    bucket-view gradients its buckets, whether or not autograd sees them as views; DTensors are excluded)."""
+    return (not _is_dtensor(t) and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def _copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    if targets:  # the foreach kernels refuse empty lists
+        torch._foreach_copy_(targets, sources)
 
 
 def _called_by(function: str, depth: int = 4) -> bool:
@@ -219,7 +233,8 @@ class CrAM(WrapperOptimizer):
     def masks(self, level: float | tuple[int, int]) -> list[torch.Tensor | None]:
         """Masks of the prunable tensors at a sparsity (top-k) or an (N, M) pattern; for FSDP2's DTensors, the
         masks of this rank's local shards, equal to the slices of the unsharded masks
-        (:mod:`lightning_ext.nn.sharded_masks`)."""
+        (:mod:`lightning_ext.nn.sharded_masks`). Boolean, except the unsharded global top-k's, which are 0/1 in
+        the tensors' dtype (:meth:`_global_topk_masks`); ``None`` for a tensor N:M leaves dense."""
         if self.local_shards is not None:
             shards = self.local_shards
             if self.compression == "nm":  # groups of M may be cut by a flat partition boundary
@@ -240,17 +255,20 @@ class CrAM(WrapperOptimizer):
     def _global_topk_masks(self, sparsity: float) -> list[torch.Tensor]:
         """:func:`lightning_ext.nn.pruning.topk_masks` (global scope) into buffers kept across steps: the
         magnitudes are gathered into one flat buffer, thresholded once, and the masks compared from its slices —
-        no fresh model-sized tensors (on CPU their page faults cost more than the arithmetic)."""
+        no fresh model-sized tensors (on CPU their page faults cost more than the arithmetic). The masks are 0/1
+        in the tensors' dtype, not bool: on CPU a comparison into a float and a multiply by it are 3-5x faster
+        than into and by a bool, and multiplying by 1.0 or 0.0 gives the same bits as by True or False."""
         tensors = [p.detach() for p in self.prunable]
         first = tensors[0]
         (flat,) = self._kept_as("magnitudes", [(torch.Size([sum(t.numel() for t in tensors)]), first.dtype,
                                                 first.device)])
-        masks = self._kept_as("masks", [(t.shape, torch.bool, t.device) for t in tensors])
+        masks = self._kept_as("masks", [(t.shape, t.dtype, t.device) for t in tensors])
         torch.cat([t.reshape(-1) for t in tensors], out=flat)
         flat.abs_()
         drop = flat.numel() - math.ceil(flat.numel() * (1.0 - sparsity))
         if drop == 0:
-            return [m.fill_(True) for m in masks]
+            return [m.fill_(1) for m in masks]
+        # for ATen's comparisons where the C++ bracket kernel is not used (untouched, so not resident, otherwise)
         workspace = self._kept_as("selection", [(flat.shape, torch.bool, flat.device)] * 2)
         threshold = kth_smallest(flat, drop, workspace=(workspace[0], workspace[1]))
         at = 0
@@ -273,35 +291,86 @@ class CrAM(WrapperOptimizer):
         parameters to ``C_k(θ + ρ g)``. The caller then computes pass 2's gradients (BatchNorm statistics
         frozen) and calls :meth:`restore`. By default the parameters are the param groups' and ``g`` their
         ``.grad`` (for DTensors, this rank's local shards); under DeepSpeed the caller passes the model's
-        parameters and their full gradients (:mod:`lightning_ext.optimizers.cram_deepspeed`)."""
+        parameters and their full gradients (:mod:`lightning_ext.optimizers.cram_deepspeed`).
+
+        A parameter that owns its storage (not a view of a flat buffer, not a DTensor) is not copied: ``θ + ρ g``
+        is written into a buffer kept across steps, the parameter is pointed at it for pass 2 and back at its
+        own, untouched storage by :meth:`restore`; its pass-1 gradient is kept as the clean gradient and
+        detached from it, so pass 2's backward starts a new one. Views (DeepSpeed's, FSDP's flat parameters,
+        DDP's bucket-view gradients) are copied into kept buffers and back."""
         if self._pending is not None:
             raise RuntimeError("CrAM.perturb: the previous perturbation was not restored")
-        if params is None:
+        explicit = params is not None
+        if not explicit:
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             grads = [p.grad for p in params]
         local, grads = [_local(p) for p in params], [_local(g) for g in grads]
-        clean = self._kept("clean", grads) if self.plus else None
-        if clean is not None:
-            torch._foreach_copy_(clean, grads)
-        backup = self._kept("backup", local)
-        torch._foreach_copy_(backup, local)
-        if self.rho > 0:
-            if self.grad_norm:
-                squares = torch.stack([torch.linalg.vector_norm(g) ** 2 for g in grads]).sum() if grads \
-                    else torch.zeros(())
-                comm = self._collectives()
-                if comm is not None:
-                    comm.all_reduce(squares)
-                torch._foreach_add_(local, torch._foreach_mul(grads, self.rho / (squares.sqrt() + 1e-12)))
+        own = [not explicit and _owns_storage(p) for p in params]
+        clean = self._clean_gradients(params, grads, own) if self.plus else None
+        copied = [t for t, o in zip(local, own) if not o]
+        backup = self._kept("backup", copied)
+        _copy_all(backup, copied)
+        scale = self.rho
+        if self.rho > 0 and self.grad_norm:
+            squares = torch.stack([torch.linalg.vector_norm(g) ** 2 for g in grads]).sum() if grads \
+                else torch.zeros(())
+            comm = self._collectives()
+            if comm is not None:
+                comm.all_reduce(squares)
+            scale = self.rho / (squares.sqrt() + 1e-12)
+        moved = self._perturbed_buffers([t for t, o in zip(local, own) if o])
+        originals, at_moved, at_copied = [], 0, 0
+        for p, t, g, o in zip(params, local, grads, own):
+            if o:  # θ + ρ g into the kept buffer, the parameter pointed at it
+                target = moved[at_moved]
+                at_moved += 1
+                if isinstance(scale, torch.Tensor):  # grad_norm: a device scalar, no host sync
+                    torch.mul(g, scale, out=target).add_(t)
+                elif scale:
+                    torch.add(t, g, alpha=scale, out=target)
+                else:
+                    target.copy_(t)
+                originals.append(p.data)
+                p.data = target
             else:
-                torch._foreach_add_(local, grads, alpha=self.rho)
+                originals.append(backup[at_copied])
+                at_copied += 1
+                if isinstance(scale, torch.Tensor):
+                    t.add_(g * scale)
+                elif scale:
+                    t.add_(g, alpha=scale)
         level = self._draw()
         self.last_sparsity = level
         masks = self.masks(level)
         for target, mask in zip(self._mask_targets(), masks):
             if mask is not None:
                 target.mul_(mask)
-        self._pending = (params, backup, clean, masks)
+        self._pending = (params, originals, own, clean, masks)
+
+    def _clean_gradients(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+                         own: list[bool]) -> list[torch.Tensor]:
+        """Pass 1's gradients for CrAM+: taken from a parameter that owns its storage (pass 2's backward then
+        allocates a new one), copied into kept buffers otherwise."""
+        copied = [g for g, o in zip(grads, own) if not (o and _owns_storage(g))]
+        kept = self._kept("clean", copied)
+        _copy_all(kept, copied)
+        kept = iter(kept)
+        clean = []
+        for p, g, o in zip(params, grads, own):
+            if o and _owns_storage(g):
+                clean.append(g)
+                p.grad = None
+            else:
+                clean.append(next(kept))
+        return clean
+
+    def _perturbed_buffers(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Buffers laid out as ``like`` (strides kept, e.g. channels-last), allocated once and reused."""
+        kept = self._buffers.get("perturbed")
+        if kept is None or [(k.shape, k.stride(), k.dtype, k.device) for k in kept] != [
+                (t.shape, t.stride(), t.dtype, t.device) for t in like]:
+            kept = self._buffers["perturbed"] = [torch.empty_like(t) for t in like]
+        return kept
 
     def _kept(self, key: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """Buffers shaped like ``like``, allocated on first use and reused every step: on CPU a fresh
@@ -329,7 +398,7 @@ class CrAM(WrapperOptimizer):
         subtraction) and add ``g`` (CrAM+). ``grads`` are then the step's gradients."""
         if self._pending is None:
             raise RuntimeError("CrAM.restore without CrAM.perturb")
-        params, backup, clean, masks = self._pending
+        params, originals, own, clean, masks = self._pending
         self._pending = None
         if grads is None:
             if self.plus:  # pass 2 left a tensor without gradient: its step is pass 1's alone
@@ -343,7 +412,13 @@ class CrAM(WrapperOptimizer):
             for key, mask in zip(keys, masks):
                 if mask is not None and id(key) in grad_of:
                     _local(grad_of[id(key)]).mul_(mask)
-        torch._foreach_copy_([_local(p) for p in params], backup)
+        copied = []
+        for p, original, o in zip(params, originals, own):
+            if o:
+                p.data = original  # its own storage, untouched by the perturbation
+            else:
+                copied.append(_local(p))
+        _copy_all(copied, [t for t, o in zip(originals, own) if not o])
         if self.plus:
             torch._foreach_add_([_local(g) for g in grads], clean)
         self._second_pass_done = True
@@ -352,34 +427,41 @@ class CrAM(WrapperOptimizer):
     def step(self, closure=None):
         if self.driven:  # the two passes are run by lightning_ext.callbacks.CrAM (pass 2 before this step)
             loss = evaluate_closure(closure)
-            if not self._second_pass_done and _called_by("_init_optim_state"):
-                # torch.distributed.checkpoint creates the base's state before loading a sharded checkpoint by a
-                # step with zero gradients and lr 0 (FSDP2 resume): the base's, not a CrAM step
+            with self.groups_stepped() as call:  # DeepSpeed ZeRO-1/2: one call per param group
+                if not self._second_pass_done and _called_by("_init_optim_state"):
+                    # torch.distributed.checkpoint creates the base's state before loading a sharded checkpoint
+                    # by a step with zero gradients and lr 0 (FSDP2 resume): the base's, not a CrAM step
+                    self.base.step()
+                    return loss
+                if not self._second_pass_done:
+                    raise RuntimeError(
+                        "CrAM: step() without a second pass. The optimizer is driven by lightning_ext.callbacks."
+                        "CrAM, which runs pass 2 in on_before_optimizer_step; that hook did not run for this step "
+                        "(manual optimization, or a loop that steps the optimizer directly).")
                 self.base.step()
-                return loss
-            if not self._second_pass_done:
-                raise RuntimeError(
-                    "CrAM: step() without a second pass. The optimizer is driven by lightning_ext.callbacks.CrAM, "
-                    "which runs pass 2 in on_before_optimizer_step; that hook did not run for this step (manual "
-                    "optimization, or a loop that steps the optimizer directly).")
-            self._second_pass_done = False
-        else:
-            if closure is None:
-                raise RuntimeError(
-                    "CrAM needs the closure: it evaluates the loss twice per step. Lightning passes one under "
-                    "precision 32/bf16-mixed with automatic optimization; use lightning_ext.callbacks.CrAM, which "
-                    "runs both passes itself under every precision, accumulation and strategy it supports.")
-            with torch.enable_grad():
-                loss = closure()  # pass 1
-            self.perturb()
-            with torch.enable_grad(), frozen_batchnorm_stats(self.batchnorm):
-                closure()  # pass 2: the closure must zero the gradients before its backward, as Lightning's does
-            self.restore()
-            self._second_pass_done = False
+                if call.last:
+                    self._second_pass_done = False
+                    self._count_step()
+            return loss
+        if closure is None:
+            raise RuntimeError(
+                "CrAM needs the closure: it evaluates the loss twice per step. Lightning passes one under "
+                "precision 32/bf16-mixed with automatic optimization; use lightning_ext.callbacks.CrAM, which "
+                "runs both passes itself under every precision, accumulation and strategy it supports.")
+        with torch.enable_grad():
+            loss = closure()  # pass 1
+        self.perturb()
+        with torch.enable_grad(), frozen_batchnorm_stats(self.batchnorm):
+            closure()  # pass 2: the closure must zero the gradients before its backward, as Lightning's does
+        self.restore()
+        self._second_pass_done = False
         self.base.step()
+        self._count_step()
+        return loss
+
+    def _count_step(self) -> None:
         self._steps += 1
         self.set_group_counter("cram_step", self._steps)
-        return loss
 
     def discard_step(self) -> None:
         """The step prepared by the driving callback is not taken (lightning_ext.callbacks.NonFiniteGuard skipped

@@ -56,7 +56,7 @@ from torch.optim import Optimizer
 
 from lightning_ext._checks import check_bool, check_choice, check_int
 from lightning_ext.optimizers._sharding import _deepspeed_caller
-from lightning_ext.optimizers._wrapper import WrapperOptimizer, evaluate_closure
+from lightning_ext.optimizers._wrapper import GroupCall, WrapperOptimizer, evaluate_closure
 
 __all__ = ["LAWN", "LAWNHyperparameters", "LAWN_DEFAULTS"]
 
@@ -164,13 +164,20 @@ class LAWN(WrapperOptimizer):
         """The step under DeepSpeed ZeRO-1/2/3: the norms (and the gradient projection) from per-row / per-tensor
         partial sums over each group's fp32 partition, one all-reduce per round, and the rescale applied to the
         partition itself — the fp32 master copy the engine all-gathers into the module next. ZeRO-3 calls this
-        once per sub-group (the other groups empty); the step counts once, at the last sub-group."""
+        once per sub-group (the other groups empty); ZeRO-1/2 once per param group (``groups_stepped``); the step
+        counts once, at the last."""
+        self.__dict__.setdefault("_shard_cache", {})
+        self.__dict__.setdefault("_group_radii", {})
+        with self.groups_stepped() as call:  # ZeRO-1/2: one call per param group, which sits at call.positions
+            self._step_partitions(zero, call)
+
+    def _step_partitions(self, zero, call: GroupCall) -> None:
         from lightning_ext.optimizers import _sharding
 
-        cache = self.__dict__.setdefault("_shard_cache", {})
-        group_radii = self.__dict__.setdefault("_group_radii", {})
+        cache = self.__dict__["_shard_cache"]
+        group_radii = self.__dict__["_group_radii"]
         groups = []
-        for index, group in enumerate(self.param_groups):
+        for index, group in zip(call.positions, self.param_groups):
             if not group["params"]:
                 continue
             (flat,) = group["params"]
@@ -193,7 +200,7 @@ class LAWN(WrapperOptimizer):
             self._radii = self._radii_of_constrained()
         self.base.step()
         stage3 = not hasattr(zero, "single_partition_of_fp32_groups")
-        if not stage3 or any(key == len(zero.fp16_groups) - 1 for _, key, *_ in groups):
+        if (not stage3 and call.last) or (stage3 and any(key == len(zero.fp16_groups) - 1 for _, key, *_ in groups)):
             self._set_steps(self._steps + 1)
         if constrained_phase:
             for flat, key, members, layout, mask, pg in groups:

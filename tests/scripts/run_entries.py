@@ -116,7 +116,10 @@ def main() -> int:
     logging.getLogger("lightning").setLevel(logging.WARNING)
     import lightning_ext.strategies  # noqa: F401  (registers deepspeed_cpu*, fsdp_cpu)
     from harness import DumpRankState, InfGradient, accumulation_settings, fit, nonfinite_run
+    from composition import BY_NAME as COMPOSED
     from registry import BY_NAME, REGISTRY
+
+    BY_NAME = {**BY_NAME, **COMPOSED}  # noqa: N806 - the registry's and the composition pairs' entries
 
     entries = [BY_NAME[n] for n in args.entries.split(",")] if args.entries else REGISTRY
     if args.steps:
