@@ -92,9 +92,9 @@ PAIRS = [(a.name, b.name) for a, b in itertools.combinations(TECHNIQUES, 2)
 #: recipes a practitioner would use, run under DeepSpeed ZeRO-2 (tests/test_composition.py)
 TRIPLES = [("AdamP", "QuEST", "LossReweighting"), ("FAdam", "LoRA", "LossReweighting"),
            ("CrAM", "WeightCompander", "LossReweighting")]
-#: also under ZeRO-2: a wrapper over two param groups (the compander's α, β are a group of their own), which
-#: DeepSpeed steps one at a time
-ZERO2 = [*TRIPLES, ("LAWN", "WeightCompander")]
+#: under ZeRO-2: the triples (CrAM's optimizer has two param groups there, the compander's α, β being a group of
+#: their own, which DeepSpeed steps one call each)
+ZERO2 = list(TRIPLES)
 
 #: the pairs that refuse at setup: the regex of the refusal, and why (for the README)
 REFUSALS: dict[tuple[str, str], tuple[str, str]] = {
@@ -106,12 +106,38 @@ REFUSALS: dict[tuple[str, str], tuple[str, str]] = {
                                   "both rewrite every hidden Linear (a reparameterized weight cannot be masked)"),
     ("LoRA", "CLNP"): (r"CLNP and LoRA do not compose",
                        "the adapter's low-rank factors would read as layers of CLNP's chain"),
+    ("LAWN", "WeightCompander"): (r"LAWN and WeightCompander do not compose on 'net\.2'",
+                                  "the compander makes LAWN's weight a function of other parameters, and LAWN "
+                                  "constrains a weight parameter's norm (before, LAWN was silently dropped)"),
 }
 #: what each pair does: "train", or the regex of its refusal (naming both techniques)
 EXPECTED: dict[tuple[str, str], str] = {pair: REFUSALS[pair][0] if pair in REFUSALS else "train" for pair in PAIRS}
 
 ENTRIES = [composed_entry(*names) for names in [*PAIRS, *ZERO2]]
 BY_NAME = {e.name: e for e in ENTRIES}
+
+
+def active_techniques(trainer: pl.Trainer) -> set[str]:
+    """The techniques that acted in a fit, read from what each leaves behind: the optimizer stack (AdamP, FAdam,
+    LAWN, CrAM), the modules a surgery installed or reparameterized (their ``surgery_technique``), peft's adapter
+    layers (LoRA), LossReweighting's logged sample-weight diagnostics."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lightning_ext.surgery import technique_of
+
+    found, optimizer = set(), trainer.optimizers[0]
+    while optimizer is not None:
+        found.add(type(optimizer).__name__)
+        optimizer = getattr(optimizer, "base", None)
+    for module in trainer.lightning_module.modules():
+        owner = technique_of(module)
+        if owner is not None:
+            found.add(owner)
+        if isinstance(module, BaseTunerLayer):
+            found.add("LoRA")
+    if any(key.startswith("reweight/") for key in trainer.callback_metrics):
+        found.add("LossReweighting")
+    return found & set(BY_TECHNIQUE)
 
 
 def readme_table() -> str:

@@ -53,3 +53,17 @@ def test_compander_adds_its_group_once_per_fit():
     for _ in range(2):
         trainer = _fit(model, [WeightCompander(log_every=0)])
         assert len(trainer.optimizers[0].param_groups) == 2  # the module's group + the companders' α, β
+
+
+def test_a_wrapper_whose_tensors_no_optimizer_holds_refuses_instead_of_vanishing():
+    """A wrapper is never silently left out: when configure_optimizers leaves its layer out, the fit stops at setup
+    (before, LAWN returned the optimizer unwrapped and the run trained without it)."""
+    import pytest
+
+    class HeadOnly(MLPClassifier):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.net[0].parameters(), lr=1e-2)  # the hidden layer only, not net.2
+
+    model = HeadOnly(hidden=[16])
+    with pytest.raises(RuntimeError, match=r"LAWN: no optimizer holds the tensors it acts on"):
+        _fit(model, [LAWN(free_steps=1, layers=["net.2"])])

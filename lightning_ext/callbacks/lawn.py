@@ -21,7 +21,7 @@ from lightning_ext.callbacks.optimizer_diagnostics import log_diagnostics
 from lightning_ext.callbacks.optimizer_injection import inject_wrapper
 from lightning_ext.optimizers.lawn import LAWN as LAWNOptimizer
 from lightning_ext.optimizers.lawn import LAWN_DEFAULTS, LAWNHyperparameters
-from lightning_ext.surgery import select_modules
+from lightning_ext.surgery import select_modules, technique_of
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -63,14 +63,13 @@ class LAWN(Technique):
         # DeepSpeed ZeRO-1/2/3: LAWN rescales the fp32 master partitions exactly (optimizers/lawn.py)
         targets = self._targets(pl_module)
         for name, module in targets:
-            if not isinstance(getattr(module, "weight", None), nn.Parameter):
-                raise ValueError(f"LAWN layers: {name!r} ({type(module).__name__}) has no weight parameter")
+            _weight_of(name, module)
             if getattr(module, "bias", None) is not None:
                 warnings.warn(f"LAWN: {name!r} has a bias, which breaks the homogeneity the constraint relies on; "
                               "the bias is left unconstrained", stacklevel=2)
 
         self.optimizers = []
-        inject_wrapper(pl_module, lambda: [module.weight for _, module in targets],
+        inject_wrapper(pl_module, lambda: [_weight_of(name, module) for name, module in targets],
                        lambda opt, mine: LAWNOptimizer(opt, mine, self.free_steps, self.norm_scope, self.constraint,
                                                        self.project_grad),
                        lambda wrapped: self.optimizers.append(wrapped), self)
@@ -103,3 +102,17 @@ class LAWN(Technique):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_radii()  # state restored before the optimizers existed
+
+
+def _weight_of(name: str, module: nn.Module) -> nn.Parameter:
+    """The layer's weight parameter, checked at setup and again when the optimizers are configured (a technique
+    set up after LAWN may have reparameterized it in between)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter):
+        return weight
+    owner = technique_of(module)
+    if owner is not None:
+        raise ValueError(f"LAWN and {owner} do not compose on {name!r}: {owner} made its weight a function of "
+                         "other parameters, and LAWN constrains the norm of a weight parameter. Constrain another "
+                         "layer (layers=...) or exclude this one from the other technique's targets")
+    raise ValueError(f"LAWN layers: {name!r} ({type(module).__name__}) has no weight parameter")

@@ -50,10 +50,12 @@ def wrap_configured(out: Any, wrap: Wrap) -> Any:
 _CHAIN = "_lightning_ext_optimizer_wraps"
 
 
-def inject(pl_module: pl.LightningModule, wrap: Wrap, owner: object) -> None:
+def inject(pl_module: pl.LightningModule, wrap: Wrap, owner: object,
+           after: Callable[[], None] | None = None) -> None:
     """Make ``pl_module.configure_optimizers`` return its optimizers wrapped by ``wrap`` (once per ``owner``,
     the injecting callback), until :func:`uninject`. Several owners stack in the order they inject (the first
-    is innermost). The module's own method (or an instance-level one, e.g. LightningCLI's) stays untouched."""
+    is innermost). The module's own method (or an instance-level one, e.g. LightningCLI's) stays untouched.
+    ``after`` runs once every wrap has been applied (a check that raises, e.g. that something was wrapped)."""
     chain = pl_module.__dict__.get(_CHAIN)
     if chain is None:
         own = pl_module.__dict__.get("configure_optimizers")  # an instance-level method, to put back
@@ -62,13 +64,16 @@ def inject(pl_module: pl.LightningModule, wrap: Wrap, owner: object) -> None:
 
         def configure_optimizers() -> Any:
             out = original()
-            for _, each in chain["wraps"]:
+            for _, each, _ in chain["wraps"]:
                 out = wrap_configured(out, each)
+            for _, _, after in chain["wraps"]:
+                if after is not None:
+                    after()
             return out
 
         pl_module.configure_optimizers = configure_optimizers
-    if not any(o is owner for o, _ in chain["wraps"]):
-        chain["wraps"].append((owner, wrap))
+    if not any(o is owner for o, _, _ in chain["wraps"]):
+        chain["wraps"].append((owner, wrap, after))
 
 
 def uninject(pl_module: pl.LightningModule, owner: object) -> None:
@@ -77,7 +82,7 @@ def uninject(pl_module: pl.LightningModule, owner: object) -> None:
     chain = pl_module.__dict__.get(_CHAIN)
     if chain is None:
         return
-    chain["wraps"] = [(o, w) for o, w in chain["wraps"] if o is not owner]
+    chain["wraps"] = [entry for entry in chain["wraps"] if entry[0] is not owner]
     if not chain["wraps"]:
         del pl_module.__dict__[_CHAIN]
         if chain["own"] is None:
@@ -95,14 +100,25 @@ def inject_wrapper(pl_module: pl.LightningModule, tensors: Callable[[], list],
     ``tensors`` is called when the optimizers are configured, not at injection: a strategy that shards the
     module in between (FSDP2's ``fully_shard``) replaces its parameters with new (DTensor) ones."""
 
+    wrapped_now: list[Optimizer] = []
+
     def wrap(optimizer: Optimizer) -> Optimizer:
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         mine = [t for t in tensors() if id(t) in owned]
         if not mine:
             return optimizer
         wrapped = make(optimizer, mine)
+        wrapped_now.append(wrapped)
         register(wrapped)
         return wrapped
 
-    inject(pl_module, wrap, owner)
+    def check() -> None:
+        """Never silently unwrapped: an optimizer must hold the tensors (another technique may have replaced
+        them between this one's setup and ``configure_optimizers``)."""
+        if not wrapped_now:
+            raise RuntimeError(f"{type(owner).__name__}: no optimizer holds the tensors it acts on, so it would not "
+                               "act at all. A technique set up after it may have replaced or reparameterized them, "
+                               "or configure_optimizers leaves them out")
+        wrapped_now.clear()
 
+    inject(pl_module, wrap, owner, after=check)
