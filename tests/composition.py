@@ -92,9 +92,9 @@ PAIRS = [(a.name, b.name) for a, b in itertools.combinations(TECHNIQUES, 2)
 #: recipes a practitioner would use, run under DeepSpeed ZeRO-2 (tests/test_composition.py)
 TRIPLES = [("AdamP", "QuEST", "LossReweighting"), ("FAdam", "LoRA", "LossReweighting"),
            ("CrAM", "WeightCompander", "LossReweighting")]
-#: under ZeRO-2: the triples (CrAM's optimizer has two param groups there, the compander's α, β being a group of
-#: their own, which DeepSpeed steps one call each)
-ZERO2 = list(TRIPLES)
+#: under ZeRO-2: the triples, and AdamP over two param groups. With the compander the optimizer has two (its α, β
+#: are a group of their own), which DeepSpeed steps one call each, handing the optimizer one group at a time
+ZERO2 = [*TRIPLES, ("AdamP", "WeightCompander")]
 
 #: the pairs that refuse at setup: the regex of the refusal, and why (for the README)
 REFUSALS: dict[tuple[str, str], tuple[str, str]] = {

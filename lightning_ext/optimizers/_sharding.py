@@ -79,14 +79,17 @@ def deepspeed_zero3_caller():
 
 
 def deepspeed_partition(zero, index: int, flat: torch.Tensor, who: str) -> tuple[int, list, object, object]:
-    """What the flat fp32 partition ``flat`` (param group ``index``) is: ``(key, member parameters, layout,
+    """What the flat fp32 partition ``flat`` (param group ``index`` under ZeRO-3) is: ``(key, member parameters, layout,
     process group)``. ZeRO-1/2 keep one partition per param group (key: the group), ZeRO-3 one per sub-group
     (key: the sub-group); the statistics are reduced over the process group."""
     from lightning_ext.optimizers.shard_layout import ShardLayout
 
     if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
-        if flat is not zero.single_partition_of_fp32_groups[index]:
-            raise RuntimeError(f"{who}: param group {index} is not DeepSpeed's fp32 partition")
+        # found by identity: ZeRO-1/2 step one param group per call, handing the optimizer that group alone, so
+        # the caller's position in its param_groups is 0 for every group
+        index = next((i for i, t in enumerate(zero.single_partition_of_fp32_groups) if t is flat), None)
+        if index is None:
+            raise RuntimeError(f"{who}: a param group holds none of DeepSpeed's fp32 partitions")
         return (index, zero.bit16_groups[index], ShardLayout.from_deepspeed(zero, index),
                 zero.real_dp_process_group[index])
     sub = next((i for i, t in enumerate(zero.fp32_partitioned_groups_flat) if t is flat), None)
