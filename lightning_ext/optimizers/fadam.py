@@ -128,7 +128,7 @@ class FAdam(PerTensorOptimizer):
         reduce(stats1)
         scratch = self.__dict__.setdefault("_shard_scratch", {})
         if id(p) not in scratch or scratch[id(p)][0].shape != state["fim"].shape:
-            scratch[id(p)] = (torch.empty_like(state["fim"]), torch.empty_like(state["fim"]))
+            scratch[id(p)] = tuple(torch.empty_like(state["fim"]) for _ in range(3))
         gbar, wbar, stats2 = fadam_shard_round2(p, g, state["fim"], stats1, layout=layout, eps=group["eps"],
                                                 eps2=group["eps2"], p=group["p"], eps_mode=group["eps_mode"],
                                                 min_denominator=group["min_denominator"],
@@ -207,19 +207,22 @@ def fadam_shard_round1(g: torch.Tensor, fim: torch.Tensor, step: int, *, layout,
 
 def fadam_shard_round2(w: torch.Tensor, g: torch.Tensor, fim: torch.Tensor, stats1: torch.Tensor, *, layout,
                        eps: float, eps2: float, p: float, eps_mode: str, min_denominator: float,
-                       dead_coord_wd: str, scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+                       dead_coord_wd: str, scratch: tuple[torch.Tensor, ...] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """From the summed ``g²``: the natural gradient ``gbar`` and the decay direction ``wbar`` (dead coordinates
     zeroed in ``"mask"`` mode), and this rank's ``[3, n_params]`` partial sums — ``gbar²``, ``wbar²`` and the live
-    coordinates (``fim != 0``) — for the two RMS clips (collective 2). ``scratch``: two buffers shaped like ``fim``
-    that ``gbar`` and ``wbar`` are written into (kept by the caller across steps: on CPU fresh partition-sized
+    coordinates (``fim != 0``) — for the two RMS clips (collective 2). ``scratch``: three buffers shaped like ``fim``
+    that ``gbar``, ``wbar`` and the denominator are written into (kept by the caller across steps: on CPU fresh partition-sized
     tensors cost page faults every step)."""
     from lightning_ext.optimizers.shard_layout import apply_per_param_, fill_padding_, param_dots, param_nonzeros
 
     numel = torch.tensor([math.prod(s) for s in layout.shapes], dtype=stats1.dtype, device=stats1.device)
     # the epsilon is a function of each tensor's gradient RMS: computed per tensor, added in place per tensor
     # (padding: the epsilon of RMS 0)
-    denom = fim.sqrt() if p == 0.5 else fim.pow(p)
+    if scratch:
+        denom = torch.sqrt(fim, out=scratch[2]) if p == 0.5 else torch.pow(fim, p, out=scratch[2])
+    else:
+        denom = fim.sqrt() if p == 0.5 else fim.pow(p)
     apply_per_param_(layout, denom, _adaptive_eps((stats1[0] / numel).sqrt(), eps, eps2, p, eps_mode), "add_")
     fill_padding_(layout, denom, _adaptive_eps(stats1.new_zeros(()), eps, eps2, p, eps_mode))
     denom.clamp_min_(min_denominator)
