@@ -81,6 +81,17 @@ def extension() -> ModuleType:
 
 
 @functools.cache
+def optional_extension() -> ModuleType | None:
+    """The optimizer kernels for a path that uses them when it can (FAdam on ZeRO partitions with the default
+    ``fused=None``), or ``None`` where they cannot be built: that path then runs eagerly (said once in the log)."""
+    try:
+        return extension()
+    except RuntimeError as err:
+        log.warning("lightning_ext: %s; the eager path runs instead", err)
+        return None
+
+
+@functools.cache
 def select_extension() -> ModuleType | None:
     """The one-pass bracket kernel of :func:`lightning_ext.nn.pruning.kth_smallest` (``csrc/select_cpu.cpp``, a
     few seconds to build on first use), or ``None`` where it cannot be built: the selection then runs on ATen

@@ -324,6 +324,80 @@ FAdamFn<T> fadam_variant(bool sqrt_power, bool decay, bool mask) {
   return mask ? fadam_tensor<T, false, true, true> : fadam_tensor<T, false, true, false>;
 }
 
+// FAdam on a flat ZeRO partition: the per-tensor kernel's passes run per segment (a piece of one parameter;
+// segs is [S, 3] int64: start, length, parameter — parameter n_params marks padding), with the per-parameter
+// quantities that depend on the whole tensor (the epsilon, the two clip divisors) computed by the caller from
+// statistics summed over the ranks between the passes.
+template <typename T>
+at::Tensor fadam_shard_gsq_impl(const at::Tensor& g_t, const at::Tensor& segs, int64_t n_params) {
+  const T* __restrict__ g = g_t.data_ptr<T>();
+  const int64_t* sg = segs.data_ptr<int64_t>();
+  at::Tensor out = at::zeros({n_params}, g_t.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int64_t i = 0; i < segs.size(0); ++i) {
+    const int64_t start = sg[3 * i], length = sg[3 * i + 1], param = sg[3 * i + 2];
+    if (param >= n_params || length == 0) continue;
+    const auto sums = chunked_sums<1>(length, [&](int64_t a, int64_t b) {
+      T s = 0;
+      for (int64_t k = start + a; k < start + b; ++k) s += g[k] * g[k];
+      return std::array<double, 1>{static_cast<double>(s)};
+    });
+    o[param] += sums[0];
+  }
+  return out;
+}
+
+template <typename T, bool kSqrt, bool kDecay, bool kMask>
+at::Tensor fadam_shard_pass1_impl(at::Tensor& w_t, const at::Tensor& g_t, at::Tensor& f_t, const at::Tensor& segs,
+                                  const at::Tensor& eps_pp, int64_t n_params, double beta2_hat, double power,
+                                  double min_denominator) {
+  const T* w = w_t.data_ptr<T>();
+  const T* g = g_t.data_ptr<T>();
+  T* f = f_t.data_ptr<T>();
+  const int64_t* sg = segs.data_ptr<int64_t>();
+  const double* eps = eps_pp.data_ptr<double>();
+  at::Tensor out = at::zeros({3, n_params}, g_t.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  const T b2 = beta2_hat, w2 = 1 - beta2_hat, pw = power, floor_d = min_denominator;
+  for (int64_t i = 0; i < segs.size(0); ++i) {
+    const int64_t start = sg[3 * i], length = sg[3 * i + 1], param = sg[3 * i + 2];
+    if (length == 0) continue;
+    const T eps_t = static_cast<T>(eps[param]);
+    const auto sums = chunked_sums<3>(length, [&](int64_t a, int64_t b) {
+      return fadam_pass1<T, kSqrt, kDecay, kMask>(w + start + a, g + start + a, f + start + a, b - a, b2, w2, pw,
+                                                  eps_t, floor_d);
+    });
+    if (param < n_params)
+      for (int j = 0; j < 3; ++j) o[j * n_params + param] += sums[j];
+  }
+  return out;
+}
+
+template <typename T, bool kSqrt, bool kDecay, bool kMask>
+void fadam_shard_pass2_impl(at::Tensor& w_t, const at::Tensor& g_t, at::Tensor& m_t, const at::Tensor& f_t,
+                            const at::Tensor& segs, const at::Tensor& eps_pp, const at::Tensor& g_div_pp,
+                            const at::Tensor& w_div_pp, double beta1, double lr, double weight_decay, double power,
+                            double min_denominator) {
+  T* w = w_t.data_ptr<T>();
+  const T* g = g_t.data_ptr<T>();
+  T* m = m_t.data_ptr<T>();
+  const T* f = f_t.data_ptr<T>();
+  const int64_t* sg = segs.data_ptr<int64_t>();
+  const double* eps = eps_pp.data_ptr<double>();
+  const double* g_div = g_div_pp.data_ptr<double>();
+  const double* w_div = w_div_pp.data_ptr<double>();
+  for (int64_t i = 0; i < segs.size(0); ++i) {
+    const int64_t start = sg[3 * i], length = sg[3 * i + 1], param = sg[3 * i + 2];
+    if (length == 0) continue;
+    at::parallel_for(0, length, kGrainElements, [&](int64_t a, int64_t b) {
+      fadam_pass2<T, kSqrt, kDecay, kMask>(w + start + a, g + start + a, m + start + a, f + start + a, b - a,
+                                           1 - beta1, -lr, -lr * weight_decay, static_cast<T>(g_div[param]),
+                                           static_cast<T>(w_div[param]), static_cast<T>(power),
+                                           static_cast<T>(eps[param]), static_cast<T>(min_denominator));
+    });
+  }
+}
+
 void check(const std::vector<at::Tensor>& ts, const char* what) {
   for (const auto& t : ts) {
     TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "fused ", what, ": contiguous CPU tensors only");
@@ -374,8 +448,51 @@ void fadam_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::
   }
 }
 
+at::Tensor fadam_shard_gsq(const at::Tensor& g, const at::Tensor& segs, int64_t n_params) {
+  check({g}, "FAdam (ZeRO partition)");
+  return g.scalar_type() == at::kFloat ? fadam_shard_gsq_impl<float>(g, segs, n_params)
+                                       : fadam_shard_gsq_impl<double>(g, segs, n_params);
+}
+
+#define LIGHTNING_EXT_FADAM_VARIANT(FN, T, SQRT, DECAY, MASK, ...)                                  \
+  do {                                                                                              \
+    if (SQRT) {                                                                                     \
+      if (!DECAY) return FN<T, true, false, false>(__VA_ARGS__);                                    \
+      return MASK ? FN<T, true, true, true>(__VA_ARGS__) : FN<T, true, true, false>(__VA_ARGS__);   \
+    }                                                                                               \
+    if (!DECAY) return FN<T, false, false, false>(__VA_ARGS__);                                     \
+    return MASK ? FN<T, false, true, true>(__VA_ARGS__) : FN<T, false, true, false>(__VA_ARGS__);   \
+  } while (0)
+
+at::Tensor fadam_shard_pass1_(at::Tensor w, at::Tensor g, at::Tensor f, at::Tensor segs, at::Tensor eps_pp,
+                              int64_t n_params, double beta2_hat, double power, double min_denominator, bool decay,
+                              bool mask) {
+  check({w, g, f}, "FAdam (ZeRO partition)");
+  const bool sqrt_power = power == 0.5;
+  if (w.scalar_type() == at::kFloat)
+    LIGHTNING_EXT_FADAM_VARIANT(fadam_shard_pass1_impl, float, sqrt_power, decay, mask, w, g, f, segs, eps_pp,
+                                n_params, beta2_hat, power, min_denominator);
+  LIGHTNING_EXT_FADAM_VARIANT(fadam_shard_pass1_impl, double, sqrt_power, decay, mask, w, g, f, segs, eps_pp,
+                              n_params, beta2_hat, power, min_denominator);
+}
+
+void fadam_shard_pass2_(at::Tensor w, at::Tensor g, at::Tensor m, at::Tensor f, at::Tensor segs, at::Tensor eps_pp,
+                        at::Tensor g_div_pp, at::Tensor w_div_pp, double beta1, double lr, double weight_decay,
+                        double power, double min_denominator, bool decay, bool mask) {
+  check({w, g, m, f}, "FAdam (ZeRO partition)");
+  const bool sqrt_power = power == 0.5;
+  if (w.scalar_type() == at::kFloat)
+    LIGHTNING_EXT_FADAM_VARIANT(fadam_shard_pass2_impl, float, sqrt_power, decay, mask, w, g, m, f, segs, eps_pp,
+                                g_div_pp, w_div_pp, beta1, lr, weight_decay, power, min_denominator);
+  LIGHTNING_EXT_FADAM_VARIANT(fadam_shard_pass2_impl, double, sqrt_power, decay, mask, w, g, m, f, segs, eps_pp,
+                              g_div_pp, w_div_pp, beta1, lr, weight_decay, power, min_denominator);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("adamp_", &adamp_, "fused AdamP step (CPU)");
   module.def("sgdp_", &sgdp_, "fused SGDP step (CPU)");
   module.def("fadam_", &fadam_, "fused FAdam step (CPU)");
+  module.def("fadam_shard_gsq", &fadam_shard_gsq, "FAdam on a ZeRO partition: per-parameter sums of g^2");
+  module.def("fadam_shard_pass1_", &fadam_shard_pass1_, "FAdam on a ZeRO partition: Fisher update, clip sums");
+  module.def("fadam_shard_pass2_", &fadam_shard_pass2_, "FAdam on a ZeRO partition: momentum and weights");
 }
