@@ -90,7 +90,8 @@ class FAdam(PerTensorOptimizer):
         dead_coord_wd: ``"mask"`` or ``"paper"`` (see the module docstring).
         foreach: multi-tensor path (default: on for CUDA tensors, as in torch.optim).
         fused: the fused C++ CPU step (:mod:`._fused_cpu`; contiguous float32/float64 CPU parameters,
-            compiled on first use). Off by default.
+            compiled on first use). Off by default for whole tensors; on DeepSpeed ZeRO partitions ``None`` takes
+            the fused partition kernels where they build (:func:`fadam_shard_fused`), ``False`` the eager rounds.
     """
 
     state_factories = {"step": lambda p: torch.tensor(0.0),
