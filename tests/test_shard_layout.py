@@ -315,46 +315,6 @@ def test_lawn_on_shards_equals_lawn_on_full_tensors(world, kind, options):
     assert (naive_error > 1e-6) == split, (split, naive_error)
 
 
-class _ThreadRanks:
-    """Simulated ranks as threads, with an all-reduce (sum) that waits for every rank: for a step that runs its
-    collectives inside one call (FAdam's fused partition step)."""
-
-    def __init__(self, world: int) -> None:
-        import threading
-
-        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
-
-    def reduce_for(self, rank: int):
-        def reduce(t: torch.Tensor) -> None:
-            self.slots[rank] = t.clone()
-            self.barrier.wait()
-            total = sum(self.slots)
-            self.barrier.wait()
-            t.copy_(total)
-
-        return reduce
-
-    def run(self, fn) -> None:
-        import threading
-
-        errors = []
-
-        def body(r):
-            try:
-                fn(r, self.reduce_for(r))
-            except Exception as err:  # noqa: BLE001 - re-raised below
-                errors.append(err)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mode", [("v3", "mask"), ("pow2p", "paper")])
 @pytest.mark.parametrize("kind", sorted(LAYOUTS))
@@ -364,6 +324,7 @@ def test_fused_fadam_on_shards_equals_the_eager_rounds(world, kind, mode, dtype)
     same simulated ranks: within 1e-12 in float64, a few ulps in float32; with the collective replaced by the rank's
     own partial (negative control) it does not."""
     from lightning_ext.optimizers.fadam import fadam_shard_fused
+    from test_sharded_masks import SimulatedRanks
 
     eps_mode, dead = mode
     hp = dict(lr=1e-2, beta2=0.999, eps=1e-1, eps2=1e-2, eps_mode=eps_mode, weight_decay=0.1, clip=0.5,
@@ -381,11 +342,12 @@ def test_fused_fadam_on_shards_equals_the_eager_rounds(world, kind, mode, dtype)
         w = [lay.local(params0).contiguous() for lay in layouts]
         m = [torch.zeros_like(x) for x in w]
         f = [torch.zeros_like(x) for x in w]
-        ranks = _ThreadRanks(world)
+        ranks = SimulatedRanks(world)
         for step, grads in enumerate(grads_per_step, start=1):
             g = [lay.local(grads).contiguous() for lay in layouts]
-            ranks.run(lambda r, reduce: fadam_shard_fused(
-                w[r], g[r], m[r], f[r], step, layout=layouts[r], reduce=(lambda t: None) if local_only else reduce,
+            ranks.run(lambda r, comm: fadam_shard_fused(
+                w[r], g[r], m[r], f[r], step, layout=layouts[r],
+                reduce=(lambda t: None) if local_only else comm.all_reduce,
                 lr=hp["lr"], beta1=0.9, beta2=hp["beta2"], eps=hp["eps"], eps2=hp["eps2"],
                 weight_decay=hp["weight_decay"], clip=hp["clip"], p=0.5, eps_mode=eps_mode, min_denominator=1e-20,
                 dead_coord_wd=dead))
