@@ -83,7 +83,9 @@ def test_a_build_that_cannot_happen_says_what_to_install(monkeypatch, tmp_path, 
         build()
     assert _fused_cpu.missing_build_requirement() is not None
     # the selection kernel is optional: where it cannot be built, kth_smallest uses ATen, said once in the log
-    select = _fused_cpu.select_extension.__wrapped__
-    with caplog.at_level("WARNING", logger="lightning_ext.optimizers._fused_cpu"):
+    from lightning_ext import _cpp_build
+
+    select = _cpp_build.select_extension.__wrapped__
+    with caplog.at_level("WARNING", logger="lightning_ext._cpp_build"):
         assert select() is None
     assert "pip install ninja" in caplog.text and "uses ATen's kernels instead" in caplog.text

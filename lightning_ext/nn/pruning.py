@@ -64,13 +64,13 @@ def kth_smallest(values: torch.Tensor, k: int, sample: int = 1 << 16,
 
 
 def _select_kernel(values: torch.Tensor):
-    """The C++ bracket kernel (:func:`lightning_ext.optimizers._fused_cpu.select_extension`) for a contiguous CPU
+    """The C++ bracket kernel (:func:`lightning_ext._cpp_build.select_extension`) for a contiguous CPU
     tensor where it builds, else ``None`` (ATen's kernels; set ``LIGHTNING_EXT_SELECT_KERNEL=0`` to force them)."""
     if values.device.type != "cpu" or not values.is_contiguous() or os.environ.get("LIGHTNING_EXT_SELECT_KERNEL") == "0":
         return None
-    from lightning_ext.optimizers import _fused_cpu  # lazily: lightning_ext.optimizers imports this module
+    from lightning_ext._cpp_build import select_extension
 
-    return _fused_cpu.select_extension()
+    return select_extension()
 
 
 def topk_masks(tensors: Sequence[torch.Tensor], sparsity: float, scope: str = "global") -> list[torch.Tensor]:
