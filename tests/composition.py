@@ -8,8 +8,8 @@ must name both techniques. The README's composition table is :func:`readme_table
 checks that the README holds it.
 
 The model is the continual-learning MLP (CLNP needs its task heads; every other technique works on any model):
-``64 -> 32 -> 32 -> 32`` (Linear ``net.0``, ``net.2``, ``net.4``, each followed by ReLU) and one head per task,
-on task 0 of split digits. Each surgery has a layer of its own, so that two surgeries compose rather than
+``64 -> 32 -> 32 -> 32`` (Linear ``net.0``, ``net.2``, ``net.4``, each followed by ReLU) and the head of task 0
+only (under DDP every parameter must take part in the loss), on task 0 of split digits. Each surgery has a layer of its own, so that two surgeries compose rather than
 collide: LoRA on ``net.0``, QuEST on ``net.2``, OneBit on ``net.4``; WeightCompander reparameterizes every
 Linear it finds (the layers others replaced included, where it can). The base optimizer is AdamW unless the pair
 names AdamP or FAdam.
