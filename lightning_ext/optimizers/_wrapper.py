@@ -58,8 +58,8 @@ class WrapperOptimizer(Optimizer):
 
     @contextlib.contextmanager
     def groups_stepped(self) -> Iterator[GroupCall]:
-        """The param groups this ``step`` call is for: their positions in the base's list, and whether they open
-        and close the step.
+        """The param groups this ``step`` call is for: their positions in the base's list, and whether they close
+        the step.
 
         DeepSpeed ZeRO-1/2 steps the client optimizer once per param group, with ``param_groups`` set to that one
         group for the call: on a wrapper that sets the wrapper's attribute, not the base's. Inside this context
@@ -67,12 +67,12 @@ class WrapperOptimizer(Optimizer):
         once-per-step work belongs to the call that closes the step). Outside DeepSpeed: every group, at once."""
         groups, full = self.param_groups, self.base.param_groups
         if groups is full:
-            yield GroupCall(list(range(len(full))), True, True)
+            yield GroupCall(list(range(len(full))), True)
             return
         positions = [i for i, g in enumerate(full) if any(g is h for h in groups)]
         self.base.param_groups = groups
         try:
-            yield GroupCall(positions, positions[0] == 0, positions[-1] == len(full) - 1)
+            yield GroupCall(positions, positions[-1] == len(full) - 1)
         finally:
             self.base.param_groups = full
 
@@ -80,8 +80,7 @@ class WrapperOptimizer(Optimizer):
 @dataclasses.dataclass(frozen=True)
 class GroupCall:
     """What :meth:`WrapperOptimizer.groups_stepped` tells: the positions of the call's param groups in the base's
-    list, and whether the call opens (``first``) and closes (``last``) the optimizer step."""
+    list, and whether the call closes (``last``) the optimizer step."""
 
     positions: list[int]
-    first: bool
     last: bool

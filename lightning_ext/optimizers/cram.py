@@ -351,13 +351,14 @@ class CrAM(WrapperOptimizer):
                          own: list[bool]) -> list[torch.Tensor]:
         """Pass 1's gradients for CrAM+: taken from a parameter that owns its storage (pass 2's backward then
         allocates a new one), copied into kept buffers otherwise."""
-        copied = [g for g, o in zip(grads, own) if not (o and _owns_storage(g))]
+        taken = [o and _owns_storage(g) for g, o in zip(grads, own)]
+        copied = [g for g, t in zip(grads, taken) if not t]
         kept = self._kept("clean", copied)
         _copy_all(kept, copied)
         kept = iter(kept)
         clean = []
-        for p, g, o in zip(params, grads, own):
-            if o and _owns_storage(g):
+        for p, g, t in zip(params, grads, taken):
+            if t:
                 clean.append(g)
                 p.grad = None
             else:

@@ -276,15 +276,12 @@ def _partition_segments(layout) -> torch.Tensor:
     ``len(layout.shapes)``), cached on the layout."""
     cached = layout.__dict__.get("_fadam_segments")
     if cached is None:
-        rows, at, n = [], 0, len(layout.shapes)
-        for s in sorted(layout.segments, key=lambda s: s.start):
-            if s.start > at:
-                rows.append((at, s.start - at, n))
-            rows.append((s.start, s.length, s.param))
-            at = max(at, s.start + s.length)
-        if layout.local_numel > at:
-            rows.append((at, layout.local_numel - at, n))
-        cached = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+        from lightning_ext.optimizers.shard_layout import padding_ranges
+
+        n = len(layout.shapes)
+        rows = [(s.start, s.length, s.param) for s in layout.segments]
+        rows += [(start, length, n) for start, length in padding_ranges(layout)]
+        cached = torch.tensor(sorted(rows), dtype=torch.int64).reshape(-1, 3)
         layout.__dict__["_fadam_segments"] = cached  # a frozen dataclass: its __dict__ still takes a cache
     return cached
 

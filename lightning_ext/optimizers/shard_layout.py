@@ -308,15 +308,22 @@ def param_nonzeros(layout: ShardLayout, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def fill_padding_(layout: ShardLayout, x: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
-    """``x[padding] = value``: the local elements no segment covers."""
-    at = 0
+def padding_ranges(layout: ShardLayout) -> list[tuple[int, int]]:
+    """``(start, length)`` of each run of local elements no segment covers, in order."""
+    ranges, at = [], 0
     for s in sorted(layout.segments, key=lambda s: s.start):
         if s.start > at:
-            x[at:s.start].fill_(value)
+            ranges.append((at, s.start - at))
         at = max(at, s.start + s.length)
     if layout.local_numel > at:
-        x[at:].fill_(value)
+        ranges.append((at, layout.local_numel - at))
+    return ranges
+
+
+def fill_padding_(layout: ShardLayout, x: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
+    """``x[padding] = value``: the local elements no segment covers."""
+    for start, length in padding_ranges(layout):
+        x[start:start + length].fill_(value)
     return x
 
 
