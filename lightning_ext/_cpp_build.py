@@ -1,6 +1,7 @@
 """Building the suite's small C++ extensions on first use (``torch.utils.cpp_extension.load``, cached under
 ``TORCH_EXTENSIONS_DIR``), for every room that has one: the optimizer kernels (:mod:`lightning_ext.optimizers
-._fused_cpu`) and the top-k selection kernel of :func:`lightning_ext.nn.pruning.kth_smallest`. No import from the
+._fused_cpu`) and the top-k selection kernel of :func:`lightning_ext.nn.pruning.kth_smallest` and QuEST's fused quantizer
+(:mod:`lightning_ext.nn.quest`). No import from the
 rest of the package, so ``nn`` and ``optimizers`` both use it without importing each other.
 """
 
@@ -16,6 +17,7 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 SELECT_SOURCE = Path(__file__).with_name("optimizers") / "csrc" / "select_cpu.cpp"
+QUEST_SOURCE = Path(__file__).with_name("nn") / "csrc" / "quest_cpu.cpp"
 
 
 def missing_build_requirement(source: Path) -> str | None:
@@ -66,3 +68,11 @@ def select_extension() -> ModuleType | None:
     except RuntimeError as err:
         log.warning("lightning_ext: %s; the top-k threshold uses ATen's kernels instead (exact, slower)", err)
         return None
+
+
+@functools.cache
+def quest_extension() -> ModuleType:
+    """QuEST's fused rotation + quantizer kernels (``nn/csrc/quest_cpu.cpp``, ~20 s to build on first use). No
+    reassociation and no contraction into FMAs: the kernels must repeat the eager path's rounding bit for bit."""
+    return build("lightning_ext_quest_cpu", QUEST_SOURCE, "QuEST's fused quantizer (fused=True)",
+                 ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"], "fused=False")

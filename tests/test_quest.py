@@ -63,6 +63,7 @@ def test_one_bit_levels_and_tie_at_zero():
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_trust_mask_keeps_exactly_the_entries_within_the_threshold(bits):
+    torch.manual_seed(bits)  # the rate below is a sample of 8192 entries: unseeded, it left the 25 % band at times
     u = (torch.randn(16, 512, dtype=torch.float64) * torch.rand(16, 1, dtype=torch.float64) * 3).requires_grad_()
     q = trust_quantize(u, bits)
     q.backward(torch.ones_like(q))

@@ -55,12 +55,16 @@ class QuEST(Technique):
         log_every: diagnostics period in steps (0 = never).
         hadamard / scale: ablations (rotation off; ``"absmax"`` max scaling instead of ``"gaussian"``).
         convert_on_fit_end: replace the layers by their integer form after training.
+        fused: the one-pass C++ CPU kernels (:mod:`lightning_ext.nn.quest_fused`): ``None`` (default) where they
+            run, else the eager path with one log line; ``True`` always (an error where they cannot run);
+            ``False`` the eager reference.
     """
 
     def __init__(self, bits: int = 4, weight_bits: int | None = None, act_bits: int | None = None,
                  trust_scale: float | None = 1.0, block: int = 128, targets: str | list[str] | None = None,
                  exclude: str | list[str] | None = list(DEFAULT_EXCLUDE), start_step: int = 0, log_every: int = 50,
-                 hadamard: bool = True, scale: str = "gaussian", convert_on_fit_end: bool = False) -> None:
+                 hadamard: bool = True, scale: str = "gaussian", convert_on_fit_end: bool = False,
+                 fused: bool | None = None) -> None:
         super().__init__()
         _check_bits(bits, "bits")
         weight_bits = bits if weight_bits is None else weight_bits
@@ -68,14 +72,14 @@ class QuEST(Technique):
         act_bits = bits if act_bits is None else (None if not_quantized else act_bits)
         _check_bits(weight_bits, "weight_bits")
         _check_bits(act_bits, "act_bits", allow_none=True, also=" or 16 (activations not quantized)")
-        check_layer_args(weight_bits, act_bits, trust_scale, block, hadamard, scale)
+        check_layer_args(weight_bits, act_bits, trust_scale, block, hadamard, scale, fused)
         check_names("targets", targets, optional=True)
         check_names("exclude", exclude, optional=True, allow_empty=True)
         check_int("start_step", start_step, 0)
         check_int("log_every", log_every, 0)
         check_bool("convert_on_fit_end", convert_on_fit_end)
         self.layer_args = dict(weight_bits=weight_bits, act_bits=act_bits, trust_scale=trust_scale, block=block,
-                               hadamard=hadamard, scale=scale)
+                               hadamard=hadamard, scale=scale, fused=fused)
         self.targets, self.exclude = targets, exclude
         self.start_step, self.log_every, self.convert_on_fit_end = start_step, log_every, convert_on_fit_end
         self.layers: dict[str, QuestLinear] = {}

@@ -17,6 +17,11 @@ dense ``in × in`` block-diagonal matrix (same numbers, a fraction of the cost),
 bool tensor instead of a float one, ``round`` runs in fp32 under autocast, and the layer is built lazily on any
 device. Options beyond the paper's default, for ablations: ``hadamard=False``, ``scale="absmax"`` (max
 scaling) and ``trust_scale=None`` (plain straight-through estimator).
+
+Two paths compute the same layer: this module's eager one (ATen kernels; the reference, and what runs on GPUs and
+in bf16) and the one-pass C++ CPU kernels of :mod:`lightning_ext.nn.quest_fused` (``fused=None``, the default,
+takes them wherever they run). The fused path rotates by butterflies instead of the matmul and is otherwise the
+eager arithmetic bit for bit; its docstring says what that means for the two paths' outputs.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from torch import nn
 
 from lightning_ext._checks import check_bool, check_choice, check_int, check_number
 from lightning_ext.nn.hadamard import block_hadamard
+from lightning_ext.nn.quest_fused import fused_rotate_quantize, rotate, use_fused
 from lightning_ext.surgery import OUTPUT_HEADS
 
 __all__ = ["ALPHA_STAR", "QuantizedRows", "QuestInt", "QuestLinear", "apply_quest", "convert_quest",
-           "gaussian_grid_mse", "quest_quantize", "trust_quantize"]
+           "gaussian_grid_mse", "quest_quantize", "row_step", "trust_quantize"]
 
 #: Gaussian-MSE-optimal clip multiples α*(b) of the row RMS (QuEST reference table)
 ALPHA_STAR = {1: 0.79788, 2: 1.49353, 3: 2.05107, 4: 2.51393, 5: 2.91609, 6: 3.27660, 7: 3.60105, 8: 3.88494}
@@ -48,9 +54,10 @@ def _check_bits(bits: int | None, name: str, allow_none: bool = False, also: str
 
 
 def check_layer_args(weight_bits: int, act_bits: int | None, trust_scale: float | None, block: int,
-                     hadamard: bool, scale: str) -> None:
+                     hadamard: bool, scale: str, fused: bool | None = None) -> None:
     """The checks of :meth:`QuestLinear.from_linear`'s arguments, callable before any layer exists (the
     callback's ``__init__``)."""
+    check_bool("fused", fused, optional=True)
     _check_bits(weight_bits, "weight_bits")
     _check_bits(act_bits, "act_bits", allow_none=True)
     check_number("trust_scale", trust_scale, 0.0, low_open=True, optional=True)
@@ -81,20 +88,33 @@ class QuantizedRows:
         self.q, self.codes, self.step = q, codes, step
 
 
+def row_step(work: torch.Tensor, bits: int, scale: str = "gaussian") -> torch.Tensor:
+    """The grid step ``Δ = 2s/(2^b − 1)`` of each row of ``work`` (shape ``[..., 1]``; ``s`` the clip value),
+    shared by the eager and the fused quantizer so that both use the same bits."""
+    if scale == "gaussian":
+        s = torch.linalg.vector_norm(work, dim=-1, keepdim=True).mul_(ALPHA_STAR[bits] / math.sqrt(work.shape[-1]))
+    else:
+        s = work.abs().amax(dim=-1, keepdim=True)
+    return s.mul_(2.0 / (2**bits - 1)).clamp_min_(torch.finfo(torch.float32).tiny)
+
+
 def quest_quantize(u: torch.Tensor, bits: int, scale: str = "gaussian") -> QuantizedRows:
     """Quantize each row (last dimension) of ``u`` to the centred ``2^bits`` grid (no gradient)."""
     levels = 2**bits
     work = u if u.dtype == torch.float64 else u.float()  # round in fp32 (or fp64), never in bf16/fp16
-    if scale == "gaussian":
-        s = torch.linalg.vector_norm(work, dim=-1, keepdim=True).mul_(ALPHA_STAR[bits] / math.sqrt(u.shape[-1]))
-    else:
-        s = work.abs().amax(dim=-1, keepdim=True)
-    step = s.mul_(2.0 / (levels - 1)).clamp_min_(torch.finfo(torch.float32).tiny)
+    step = row_step(work, bits, scale)
     half = (levels - 1) / 2
     # level index round(v + 1/2) - 1/2 on the centred grid, shifted to the integers 0 … levels-1
     codes = (work / step).clamp_(-half, half).add_(0.5).round_().add_(half - 0.5)
     q = (codes - half).mul_(step)
     return QuantizedRows(q.to(u.dtype), codes, step)
+
+
+def record_stats(stats: dict, q: torch.Tensor, u: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Diagnostics of one quantized operand, only on logging steps: relative MSE and trust fraction."""
+    err = (q.float() - u.float()).pow_(2).sum() / u.float().pow(2).sum().clamp_min(1e-30)
+    stats["rel_mse"] = err.detach()
+    stats["trust_fraction"] = mask.float().mean() if mask is not None else torch.ones(())
 
 
 class _TrustQuantize(torch.autograd.Function):
@@ -110,10 +130,8 @@ class _TrustQuantize(torch.autograd.Function):
             mask = (out.q - u).abs_() <= out.step * (trust_scale / 2)
             ctx.save_for_backward(mask)
         ctx.ste = mask is None
-        if stats is not None:  # diagnostics, only on logging steps
-            err = (out.q.float() - u.float()).pow_(2).sum() / u.float().pow(2).sum().clamp_min(1e-30)
-            stats["rel_mse"] = err.detach()
-            stats["trust_fraction"] = mask.float().mean() if mask is not None else torch.ones(())
+        if stats is not None:
+            record_stats(stats, out.q, u, mask)
         return out.q
 
     @staticmethod
@@ -135,8 +153,10 @@ class QuestLinear(nn.Linear):
 
     Build with :meth:`from_linear` (the original ``Parameter`` objects are kept, so the ``state_dict`` is the
     plain layer's: QuEST is stateless). ``act_bits=None`` leaves activations unquantized (``WbA16``);
-    ``quest_enabled = False`` makes the layer a plain linear (delayed start). :meth:`export` returns the
-    integer form. ``last_stats`` holds ``{"weight": {...}, "input": {...}}`` (relative MSE, trust fraction)
+    ``quest_enabled = False`` makes the layer a plain linear (delayed start). ``fused``: the one-pass C++
+    kernels of :mod:`lightning_ext.nn.quest_fused` (``None``, the default: where they run, else eager with one log
+    line; ``True``: always, or an error; ``False``: the eager reference); ``last_path`` says which ran last
+    (``"fused"``/``"eager"``). :meth:`export` returns the integer form. ``last_stats`` holds ``{"weight": {...}, "input": {...}}`` (relative MSE, trust fraction)
     from the last forward with ``collect_stats = True``.
     """
 
@@ -149,8 +169,8 @@ class QuestLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight_bits: int = 4, act_bits: int | None = 4,
                     trust_scale: float | None = 1.0, block: int = 128, hadamard: bool = True,
-                    scale: str = "gaussian") -> QuestLinear:
-        check_layer_args(weight_bits, act_bits, trust_scale, block, hadamard, scale)
+                    scale: str = "gaussian", fused: bool | None = None) -> QuestLinear:
+        check_layer_args(weight_bits, act_bits, trust_scale, block, hadamard, scale, fused)
         if hadamard and linear.in_features % block:
             raise ValueError(f"in_features={linear.in_features} is not a multiple of the Hadamard block {block} "
                              "(QuEST rotates 128-wide blocks of the reduction dimension; exclude this layer or "
@@ -161,12 +181,13 @@ class QuestLinear(nn.Linear):
         new.weight, new.bias = linear.weight, linear.bias
         new.weight_bits, new.act_bits, new.trust_scale = weight_bits, act_bits, trust_scale
         new.block, new.hadamard, new.scale = block, hadamard, scale
+        new.fused, new.last_path = fused, None
         new.quest_enabled, new.collect_stats, new.last_stats = True, False, {}
         return new
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, W{self.weight_bits}A{self.act_bits or 16}, trust_scale={self.trust_scale}, "
-                f"block={self.block if self.hadamard else None}, scale={self.scale}")
+                f"block={self.block if self.hadamard else None}, scale={self.scale}, fused={self.fused}")
 
     def _rotate(self, t: torch.Tensor) -> torch.Tensor:
         return block_hadamard(t, self.block) if self.hadamard else t
@@ -176,20 +197,39 @@ class QuestLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         stats_w = {} if self.collect_stats else None
         stats_x = {} if self.collect_stats and self.act_bits is not None else None
-        w = trust_quantize(self._rotate(self.weight), self.weight_bits, self.scale, self.trust_scale, stats_w)
-        xr = self._rotate(x)
-        if self.act_bits is not None:
-            xr = trust_quantize(xr, self.act_bits, self.scale, self.trust_scale, stats_x)
+        fused = use_fused(self.fused, self.weight, x)
+        self.last_path = "fused" if fused else "eager"
+        if fused:
+            block = self.block if self.hadamard else None
+            w = fused_rotate_quantize(self.weight, self.weight_bits, self.scale, self.trust_scale, block, stats_w)
+            if self.act_bits is not None:
+                xr = fused_rotate_quantize(x, self.act_bits, self.scale, self.trust_scale, block, stats_x)
+            else:
+                xr = self._rotate(x)
+        else:
+            w = trust_quantize(self._rotate(self.weight), self.weight_bits, self.scale, self.trust_scale, stats_w)
+            xr = self._rotate(x)
+            if self.act_bits is not None:
+                xr = trust_quantize(xr, self.act_bits, self.scale, self.trust_scale, stats_x)
         if self.collect_stats:
             self.last_stats = {"weight": stats_w, **({"input": stats_x} if stats_x is not None else {})}
         return F.linear(xr, w.to(xr.dtype), self.bias)
 
     @torch.no_grad()
     def export(self) -> QuestInt:
-        """The integer form: codes of the rotated weight (uint8) and per-row steps; same outputs."""
-        out = quest_quantize(self._rotate(self.weight.detach()), self.weight_bits, self.scale)
+        """The integer form: codes of the rotated weight (uint8) and per-row steps; same outputs (the same
+        rotation too: butterflies where the fused path runs, the matmul where the eager one does)."""
+        block = self.block if self.hadamard else None
+        out = quest_quantize(_rotation(self.weight.detach(), block, self.fused), self.weight_bits, self.scale)
         return QuestInt(out.codes.to(torch.uint8), out.step, None if self.bias is None else self.bias.detach().clone(),
-                        self.weight_bits, self.act_bits, self.block if self.hadamard else None, self.scale)
+                        self.weight_bits, self.act_bits, block, self.scale, self.fused)
+
+
+def _rotation(t: torch.Tensor, block: int | None, fused: bool | None) -> torch.Tensor:
+    """The rotation the layer's path applies, without gradient (export and inference)."""
+    if block is None:
+        return t
+    return rotate(t, block) if use_fused(fused, t) else block_hadamard(t, block)
 
 
 class QuestInt(nn.Module):
@@ -200,8 +240,9 @@ class QuestInt(nn.Module):
     surgery_technique = "QuEST"
 
     def __init__(self, codes: torch.Tensor, step: torch.Tensor, bias: torch.Tensor | None, weight_bits: int,
-                 act_bits: int | None, block: int | None, scale: str) -> None:
+                 act_bits: int | None, block: int | None, scale: str, fused: bool | None = None) -> None:
         super().__init__()
+        self.fused = fused
         self.register_buffer("codes", codes)
         self.register_buffer("step", step)
         self.register_buffer("bias", bias)
@@ -213,7 +254,7 @@ class QuestInt(nn.Module):
         return (self.codes.float() - (2**self.weight_bits - 1) / 2) * self.step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xr = block_hadamard(x, self.block) if self.block else x
+        xr = _rotation(x, self.block, self.fused)
         if self.act_bits is not None:
             xr = quest_quantize(xr, self.act_bits, self.scale).q
         return F.linear(xr, self.dequantized_weight().to(xr.dtype), self.bias)
