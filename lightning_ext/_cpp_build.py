@@ -1,8 +1,8 @@
 """Building the suite's small C++ extensions on first use (``torch.utils.cpp_extension.load``, cached under
 ``TORCH_EXTENSIONS_DIR``), for every room that has one: the optimizer kernels (:mod:`lightning_ext.optimizers
-._fused_cpu`) and the top-k selection kernel of :func:`lightning_ext.nn.pruning.kth_smallest` and QuEST's fused quantizer
-(:mod:`lightning_ext.nn.quest`). No import from the
-rest of the package, so ``nn`` and ``optimizers`` both use it without importing each other.
+._fused_cpu`), the top-k selection kernel of :func:`lightning_ext.nn.pruning.kth_smallest`, and the fused layers of
+QuEST (:mod:`lightning_ext.nn.quest_fused`) and OneBit (:mod:`lightning_ext.nn.onebit_fused`). No import from the rest
+of the package, so ``nn`` and ``optimizers`` both use it without importing each other.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 SELECT_SOURCE = Path(__file__).with_name("optimizers") / "csrc" / "select_cpu.cpp"
 QUEST_SOURCE = Path(__file__).with_name("nn") / "csrc" / "quest_cpu.cpp"
+ONEBIT_SOURCE = Path(__file__).with_name("nn") / "csrc" / "onebit_cpu.cpp"
 
 
 def missing_build_requirement(source: Path) -> str | None:
@@ -76,3 +77,12 @@ def quest_extension() -> ModuleType:
     reassociation and no contraction into FMAs: the kernels must repeat the eager path's rounding bit for bit."""
     return build("lightning_ext_quest_cpu", QUEST_SOURCE, "QuEST's fused quantizer (fused=True)",
                  ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"], "fused=False")
+
+
+@functools.cache
+def onebit_extension() -> ModuleType:
+    """OneBit's fused effective-weight kernels (``nn/csrc/onebit_cpu.cpp``, ~30 s to build on first use). Row and
+    column sums may be reassociated (vectorised): this path is tested against the eager one to rounding."""
+    return build("lightning_ext_onebit_cpu", ONEBIT_SOURCE, "OneBit's fused layer (fused=True)",
+                 ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+                  "-fno-signed-zeros", "-fopenmp"], "fused=False")

@@ -12,11 +12,12 @@ from torch import nn
 
 from lightning_ext.callbacks import QuEST
 from lightning_ext.nn import quest_fused
+from lightning_ext.nn._fused_path import FusedPath
 from lightning_ext.nn.hadamard import block_hadamard, fwht
 from lightning_ext.nn.quest import QuestLinear, trust_quantize
 from lightning_ext.nn.quest_fused import fused_rotate_quantize
 
-pytestmark = pytest.mark.skipif(quest_fused.unsupported(torch.zeros(1)) is not None,
+pytestmark = pytest.mark.skipif(quest_fused.PATH.unsupported(torch.zeros(1)) is not None,
                                 reason="the QuEST kernels cannot be built here (no compiler)")
 
 
@@ -119,13 +120,13 @@ def test_default_falls_back_with_one_log_line_and_fused_true_refuses(caplog, mon
     layer.double()
     layer(x)
     assert layer.last_path == "fused"  # float64 is supported
-    quest_fused._say_fallback_once.cache_clear()
-    monkeypatch.setattr(quest_fused, "_extension_or_error", lambda: (None, "no C++ compiler ('c++' is not on PATH)"))
-    with caplog.at_level(logging.WARNING, logger="lightning_ext.nn.quest_fused"):
+    FusedPath.say_fallback_once.cache_clear()
+    monkeypatch.setitem(quest_fused.PATH.__dict__, "_built", (None, "no C++ compiler ('c++' is not on PATH)"))
+    with caplog.at_level(logging.WARNING, logger="lightning_ext.nn._fused_path"):
         for _ in range(3):
             layer(x)
     assert layer.last_path == "eager"
-    lines = [r.getMessage() for r in caplog.records if "eager quantizer runs instead" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "eager path runs instead" in r.getMessage()]
     assert len(lines) == 1 and "no C++ compiler" in lines[0]
     strict = QuestLinear.from_linear(nn.Linear(128, 8), fused=True)
     with pytest.raises(RuntimeError, match=r"fused=True.*no C\+\+ compiler"):
@@ -133,7 +134,7 @@ def test_default_falls_back_with_one_log_line_and_fused_true_refuses(caplog, mon
 
 
 def test_bf16_input_runs_eagerly_and_fused_true_names_the_dtype():
-    quest_fused._say_fallback_once.cache_clear()
+    FusedPath.say_fallback_once.cache_clear()
     layer = QuestLinear.from_linear(nn.Linear(128, 8).bfloat16())
     layer(torch.randn(2, 128, dtype=torch.bfloat16))
     assert layer.last_path == "eager"

@@ -58,14 +58,18 @@ class OneBit(Technique):
             forward must be what ``training_step`` calls and must return logits).
         kl_weight / mse_weight / ce_weight: weights of the KD terms and of the module's own loss.
         hidden_modules: name patterns (relative to ``module``) whose outputs enter the hidden-state MSE.
+        fused: the value vectors applied to the weight by C++ CPU kernels (:mod:`lightning_ext.nn.onebit_fused`):
+            ``None`` (default) where they run, else the eager path with one log line; ``True`` always (an error
+            where they cannot run); ``False`` the eager reference.
     """
 
     def __init__(self, targets: str | list[str] | None = None, exclude: str | list[str] | None = list(OUTPUT_HEADS),
                  init: str = "svd", latent_scale: float = 0.01, layer_norm: bool = True,
                  freeze: str | list[str] | None = None, distill: bool = True, module: str | None = None,
                  kl_weight: float = 1.0, mse_weight: float = 1.0, ce_weight: float = 0.0,
-                 hidden_modules: str | list[str] | None = None) -> None:
+                 hidden_modules: str | list[str] | None = None, fused: bool | None = None) -> None:
         super().__init__()
+        check_bool("fused", fused, optional=True)
         check_names("targets", targets, optional=True)
         check_names("exclude", exclude, optional=True, allow_empty=True)
         check_choice("init", init, INITS)
@@ -82,7 +86,7 @@ class OneBit(Technique):
         self.targets, self.exclude, self.init, self.latent_scale = targets, exclude, init, latent_scale
         self.layer_norm, self.freeze, self.distill, self.module = layer_norm, freeze, distill, module
         self.kl_weight, self.mse_weight, self.ce_weight = kl_weight, mse_weight, ce_weight
-        self.hidden_modules = hidden_modules
+        self.hidden_modules, self.fused = hidden_modules, fused
         self.teacher: nn.Module | None = None
         self._wrapped = None
         self._captured: dict[str, Any] = {}
@@ -96,7 +100,7 @@ class OneBit(Technique):
         todo = [n for n, m in selected if not isinstance(m, OneBitLinear)]
         if todo:
             replace_modules(model, todo, lambda _, old: OneBitLinear.from_linear(
-                old, self.init if init else None, self.latent_scale, self.layer_norm), technique="OneBit")
+                old, self.init if init else None, self.latent_scale, self.layer_norm, self.fused), technique="OneBit")
         if self.freeze is not None:
             frozen = select_modules(model, self.freeze, what="OneBit freeze")
             for _, m in frozen:

@@ -22,6 +22,11 @@ weights the KL about 20× the per-token value relative to the MSE: set ``kl_weig
 Hidden states are the outputs of the modules the caller names (we use block outputs 1..L, the formula; the
 reference's HF ``hidden_states[0..L−1]`` indexing is off by one and includes the embedding). No maintained
 library implements OneBit; written from the paper and the reference's description.
+
+``fused`` (default ``None``: wherever it runs) moves ``g`` and ``h`` onto the weight — one C++ pass builds
+``h ⊙ sign(W) ⊙ gᵀ`` and one turns its gradient into those of ``W``, ``g``, ``h`` — so that no activation-sized
+elementwise pass remains (:mod:`lightning_ext.nn.onebit_fused`; equal to the eager path to rounding, not bit for
+bit; the eager path is the reference and runs on GPUs and in bf16).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lightning_ext._checks import check_bool
+from lightning_ext.nn.onebit_fused import PATH, effective_weight
 
 __all__ = ["OneBitLinear", "OneBitPacked", "distillation_loss", "export_packed", "output_logits", "pack_signs", "sign_pm1",
            "svid", "unpack_signs"]
@@ -54,6 +62,14 @@ class _SignSurrogate(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (w,) = ctx.saved_tensors
         return grad * (1.001 - torch.tanh(w).square())
+
+
+def _normalize(y: torch.Tensor, layer_norm: bool) -> torch.Tensor:
+    """The parameter-free LayerNorm over the output features (in fp32 under autocast), if the layer has it."""
+    if not layer_norm:
+        return y
+    work = y if y.dtype == torch.float64 else y.float()
+    return F.layer_norm(work, (y.shape[-1],)).to(y.dtype)
 
 
 def svid(weight: torch.Tensor, init: str = "svd", iters: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,10 +115,12 @@ class OneBitLinear(nn.Module):
     surgery_technique = "OneBit"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, layer_norm: bool = True,
-                 device: Any = None, dtype: Any = None) -> None:
+                 device: Any = None, dtype: Any = None, fused: bool | None = None) -> None:
         super().__init__()
+        check_bool("fused", fused, optional=True)
         kw = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.layer_norm = in_features, out_features, layer_norm
+        self.fused, self.last_path = fused, None
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))  # latent: only its sign is used
         self.g = nn.Parameter(torch.ones(in_features, **kw))
         self.h = nn.Parameter(torch.ones(out_features, **kw))
@@ -111,7 +129,7 @@ class OneBitLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, init: str | None = "svd", latent_scale: float = 0.01,
-                    layer_norm: bool = True) -> OneBitLinear:
+                    layer_norm: bool = True, fused: bool | None = None) -> OneBitLinear:
         """Convert; ``init=None`` only builds the structure (a checkpoint will fill it)."""
         if init is not None and init not in INITS:
             raise ValueError(f"init must be one of {INITS} or None, got {init!r}")
@@ -119,7 +137,7 @@ class OneBitLinear(nn.Module):
             raise ValueError(f"latent_scale must be > 0, got {latent_scale}")
         w = linear.weight
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, layer_norm=layer_norm,
-                  device=w.device, dtype=w.dtype)
+                  device=w.device, dtype=w.dtype, fused=fused)
         if init is not None:
             with torch.no_grad():
                 h, g = svid(w, init)
@@ -132,19 +150,21 @@ class OneBitLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"layer_norm={self.layer_norm}")
+                f"layer_norm={self.layer_norm}, fused={self.fused}")
 
     def _combine(self, x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
         y = F.linear(x * self.g.to(x.dtype), signs.to(x.dtype)) * self.h.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        if not self.layer_norm:
-            return y
-        work = y if y.dtype == torch.float64 else y.float()  # LayerNorm in fp32 under autocast
-        return F.layer_norm(work, (self.out_features,)).to(y.dtype)
+        return _normalize(y, self.layer_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._combine(x, _SignSurrogate.apply(self.weight))
+        fused = PATH.use(self.fused, self.weight, x)
+        self.last_path = "fused" if fused else "eager"
+        if not fused:
+            return self._combine(x, _SignSurrogate.apply(self.weight))
+        w = effective_weight(self.weight, self.g, self.h)
+        return _normalize(F.linear(x, w, self.bias), self.layer_norm)
 
     @property
     def average_bits(self) -> float:
@@ -165,14 +185,18 @@ class OneBitPacked(nn.Module):
     def __init__(self, layer: OneBitLinear) -> None:
         super().__init__()
         self.in_features, self.out_features, self.layer_norm = layer.in_features, layer.out_features, layer.layer_norm
+        self.fused = layer.fused  # the layer's path, so that the outputs are the same bits
         self.register_buffer("packed", pack_signs(layer.weight))
         for name in ("g", "h", "bias"):
             value = getattr(layer, name)
             self.register_buffer(name, None if value is None else value.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        signs = unpack_signs(self.packed, (self.out_features, self.in_features), x.dtype)
-        return OneBitLinear._combine(self, x, signs)
+        signs = unpack_signs(self.packed, (self.out_features, self.in_features), self.g.dtype)
+        if PATH.use(self.fused, signs, x):  # ±1 is its own sign: the kernel's W_eff is the training layer's
+            w = PATH.extension.effective_weight(signs, self.g.contiguous(), self.h.contiguous())
+            return _normalize(F.linear(x, w, self.bias), self.layer_norm)
+        return OneBitLinear._combine(self, x, signs.to(x.dtype))
 
 
 def _row_normalized(t: torch.Tensor) -> torch.Tensor:

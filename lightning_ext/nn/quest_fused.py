@@ -29,63 +29,22 @@ raises instead.
 
 from __future__ import annotations
 
-import functools
-import logging
-from types import ModuleType
 from typing import Any
 
 import torch
 
 from lightning_ext import _cpp_build
+from lightning_ext.nn._fused_path import FusedPath
 
-log = logging.getLogger(__name__)
-
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
-
-
-@functools.cache
-def _extension_or_error() -> tuple[ModuleType | None, str | None]:
-    try:
-        return _cpp_build.quest_extension(), None
-    except RuntimeError as err:
-        return None, str(err)
-
-
-def unsupported(t: torch.Tensor) -> str | None:
-    """Why the fused kernels cannot take ``t`` (``None``: they can; builds the extension on first call)."""
-    if t.device.type != "cpu":
-        return f"the fused QuEST kernels run on CPU tensors; this one is on {t.device}"
-    if t.dtype not in SUPPORTED_DTYPES:
-        return f"the fused QuEST kernels take float32/float64 tensors; this one is {t.dtype}"
-    return _extension_or_error()[1]
-
-
-@functools.cache
-def _say_fallback_once(reason: str) -> None:
-    log.warning("lightning_ext QuEST: %s; the eager quantizer runs instead (same math, slower). Pass fused=False "
-                "to choose it and silence this line.", reason)
-
-
-def use_fused(fused: bool | None, *tensors: torch.Tensor) -> bool:
-    """The path to take for ``tensors``: ``fused=False`` eager, ``True`` fused or a ``RuntimeError`` saying why
-    not, ``None`` fused where possible (else one log line per distinct reason)."""
-    if fused is False:
-        return False
-    for t in tensors:
-        reason = unsupported(t)
-        if reason is not None:
-            if fused:
-                raise RuntimeError(f"QuestLinear(fused=True): {reason}. Use fused=None (fall back where needed) or "
-                                   "fused=False.")
-            _say_fallback_once(reason)
-            return False
-    return True
+#: the kernels, built on first use; ``PATH.use(fused, *tensors)`` picks the path (:mod:`lightning_ext.nn._fused_path`)
+PATH = FusedPath("QuEST", _cpp_build.quest_extension)
+use_fused = PATH.use
 
 
 def rotate(t: torch.Tensor, block: int) -> torch.Tensor:
     """``fwht(t, block)`` on the butterfly kernel, without gradient (the export's rotation)."""
     rows = t.detach().reshape(-1, t.shape[-1]).contiguous()
-    return _extension_or_error()[0].rotate_rows(rows, block).view(t.shape)
+    return PATH.extension.rotate_rows(rows, block).view(t.shape)
 
 
 class _FusedRotateQuantize(torch.autograd.Function):
@@ -96,7 +55,7 @@ class _FusedRotateQuantize(torch.autograd.Function):
                 stats: dict | None) -> torch.Tensor:
         from lightning_ext.nn.quest import record_stats, row_step
 
-        ext = _extension_or_error()[0]
+        ext = PATH.extension
         rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
         u = ext.rotate_rows(rows, block) if block else rows
         step = row_step(u, bits, scale)
@@ -110,7 +69,7 @@ class _FusedRotateQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (mask,) = ctx.saved_tensors
-        ext = _extension_or_error()[0]
+        ext = PATH.extension
         rows = grad.reshape(-1, grad.shape[-1]).contiguous()
         if mask is None:
             mask = torch.empty(0, dtype=torch.bool)
