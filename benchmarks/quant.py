@@ -1,70 +1,107 @@
-"""QuEST layer cost: forward + backward of one linear (goal: whole QuEST layer <= 1.5x nn.Linear at width >= 1024,
-2048 tokens).
+"""Quantized layers' cost: forward + backward of one square layer, ratio to ``nn.Linear`` (goals: QuEST fused
+<= 1.5x at width 512, <= 1.2x at 1024, <= 1.1x at 2048; OneBit fused <= 1.2x at >= 1024; 2048 tokens).
 
-    python -m benchmarks.quant [--repeats 9]
+    python -m benchmarks.quant [--repeats 9] [--clock {wall,cpu}] [--widths 256 512 1024 2048] [--tokens 2048]
 
-Cases per width (square layer, float32, 2 threads unless the machine has fewer):
+Cases per width (float32, torch's threads):
 
 * ``nn.Linear`` — the baseline;
-* ``blocked rotation only`` — both operands rotated by the 128-block reshape-matmul, no quantizer;
-* ``dense rotation only`` — both operands multiplied by the dense ``in x in`` block-diagonal matrix (the
-  reference code's approach), no quantizer;
-* ``QuEST W4A4`` — :class:`lightning_ext.nn.quest.QuestLinear`: rotation + Gaussian-scale quantizers + trust
-  masks on weight and input;
-* ``QuEST W4A4 dense rotation`` — the same quantizers with the dense rotation (what the reference pays).
+* ``rotation only (matmul)`` — both operands rotated by the eager 128-block reshape-matmul, no quantizer;
+* ``rotation only (butterflies)`` — the same rotation on the fused path's C++ butterfly kernel, no quantizer;
+* ``QuEST W4A4 eager`` / ``fused`` — :class:`lightning_ext.nn.quest.QuestLinear` with ``fused=False`` / ``True``
+  (rotation + Gaussian-scale quantizers + trust masks on weight and input);
+* ``OneBit eager`` / ``fused`` — :class:`lightning_ext.nn.onebit.OneBitLinear` with ``fused=False`` / ``True``
+  (sign x value vectors, tanh surrogate, LayerNorm).
+
+The extensions are built before timing starts. ``--clock cpu`` times by the process's CPU time (a shared machine's
+descheduling does not count).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.runner import benchmark_args, compare
-from lightning_ext.nn.hadamard import hadamard_matrix
-from lightning_ext.nn.quest import QuestLinear, trust_quantize
+from lightning_ext.nn.hadamard import block_hadamard
+from lightning_ext.nn.onebit import OneBitLinear
+from lightning_ext.nn.quest import QuestLinear
+from lightning_ext.nn.quest_fused import PATH as QUEST_KERNELS
+
+
+class _Butterflies(torch.autograd.Function):
+    """The fused path's rotation alone (its backward is the adjoint butterflies, no mask)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return QUEST_KERNELS.extension.rotate_rows(x.detach().contiguous(), 128)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return QUEST_KERNELS.extension.rotate_rows_back(grad.contiguous(), torch.empty(0, dtype=torch.bool), 128)
 
 
 def make_cases(width: int, tokens: int) -> dict:
     torch.manual_seed(0)
     linear = nn.Linear(width, width)
-    quest = QuestLinear.from_linear(nn.Linear(width, width), weight_bits=4, act_bits=4)
-    dense_h = torch.block_diag(*[hadamard_matrix(128)] * (width // 128))
+    layers = {"quest_eager": QuestLinear.from_linear(nn.Linear(width, width), fused=False),
+              "quest_fused": QuestLinear.from_linear(nn.Linear(width, width), fused=True),
+              "onebit_eager": OneBitLinear.from_linear(nn.Linear(width, width), fused=False),
+              "onebit_fused": OneBitLinear.from_linear(nn.Linear(width, width), fused=True)}
+    params = list(linear.parameters()) + [p for m in layers.values() for p in m.parameters()]
     x = torch.randn(tokens, width, requires_grad=True)
     grad = torch.randn(tokens, width)
 
     def run(fn):
         def step():
             x.grad = None
-            for p in (linear.weight, linear.bias, quest.weight, quest.bias):
+            for p in params:
                 p.grad = None
             fn().backward(grad)
         return step
 
-    def blocked():
-        w = (linear.weight.view(width, -1, 128) @ hadamard_matrix(128)).view(width, width)
-        xr = (x.view(tokens, -1, 128) @ hadamard_matrix(128)).view(tokens, width)
-        return F.linear(xr, w, linear.bias)
+    def matmul_rotation():
+        return F.linear(block_hadamard(x, 128), block_hadamard(linear.weight, 128), linear.bias)
 
-    def dense():
-        return F.linear(x @ dense_h, linear.weight @ dense_h, linear.bias)
+    def butterfly_rotation():
+        return F.linear(_Butterflies.apply(x), _Butterflies.apply(linear.weight), linear.bias)
 
-    def quest_dense():
-        w = trust_quantize(linear.weight @ dense_h, 4)
-        return F.linear(trust_quantize(x @ dense_h, 4), w, linear.bias)
-
-    return {"nn.Linear": run(lambda: linear(x)), "blocked rotation only": run(blocked),
-            "dense rotation only": run(dense), "QuEST W4A4": run(lambda: quest(x)),
-            "QuEST W4A4 dense rotation": run(quest_dense)}
+    return {"nn.Linear": run(lambda: linear(x)),
+            "rotation only (matmul)": run(matmul_rotation),
+            "rotation only (butterflies)": run(butterfly_rotation),
+            "QuEST W4A4 eager": run(lambda: layers["quest_eager"](x)),
+            "QuEST W4A4 fused": run(lambda: layers["quest_fused"](x)),
+            "OneBit eager": run(lambda: layers["onebit_eager"](x)),
+            "OneBit fused": run(lambda: layers["onebit_fused"](x))}
 
 
 def main() -> None:
-    args = benchmark_args(__doc__)
-    for tokens in (2048, 256):
-        for width in (512, 1024, 2048):
-            compare(make_cases(width, tokens), baseline="nn.Linear", repeats=args.repeats,
-                    title=f"fwd+bwd, {tokens} tokens x {width} -> {width}, {torch.get_num_threads()} threads")
-            print()
+    import argparse
+    import sys
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    extra.add_argument("--tokens", type=int, default=2048)
+    own, rest = extra.parse_known_args()
+    sys.argv = [sys.argv[0], *rest]
+    args = benchmark_args(__doc__, clock=True)
+    timer = time.process_time if args.clock == "cpu" else time.perf_counter
+    summary = {}
+    for width in own.widths:
+        results = compare(make_cases(width, own.tokens), baseline="nn.Linear", repeats=args.repeats, timer=timer,
+                          title=f"fwd+bwd, {own.tokens} tokens x {width} -> {width}, {torch.get_num_threads()} "
+                                f"threads, {args.clock} clock")
+        summary[width] = {r.name: r.ratio for r in results}
+        print()
+    names = list(next(iter(summary.values())))[1:]
+    print("Ratio to nn.Linear (fwd+bwd):\n")
+    print("| width | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for width, ratios in summary.items():
+        print(f"| {width} | " + " | ".join(f"{ratios[n]:.2f}" for n in names) + " |")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,13 @@ import functools
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from types import ModuleType
 
 log = logging.getLogger(__name__)
+
+COMPILED_AFTER_S = 2.0  # a load slower than this compiled the extension (a cached one loads in milliseconds)
 
 SELECT_SOURCE = Path(__file__).with_name("optimizers") / "csrc" / "select_cpu.cpp"
 QUEST_SOURCE = Path(__file__).with_name("nn") / "csrc" / "quest_cpu.cpp"
@@ -47,15 +50,20 @@ def build(name: str, source: Path, what: str, flags: list[str], fallback: str) -
     if missing is not None:
         raise RuntimeError(f"{what} needs the lightning_ext C++ kernels, which cannot be built: {missing}. "
                            f"Or use {fallback}.")
-    log.info("lightning_ext: compiling %s (first use only)", what)
+    start = time.perf_counter()
     try:
-        return load(name=name, sources=[str(source)], extra_cflags=flags,
-                    extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
-                    verbose=os.environ.get("LIGHTNING_EXT_VERBOSE_BUILD") == "1")
+        module = load(name=name, sources=[str(source)], extra_cflags=flags,
+                      extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
+                      verbose=os.environ.get("LIGHTNING_EXT_VERBOSE_BUILD") == "1")
     except (RuntimeError, OSError) as err:  # the compiler failed
         raise RuntimeError(f"{what} needs the lightning_ext C++ kernels, which failed to build ({err}). "
                            f"Set LIGHTNING_EXT_VERBOSE_BUILD=1 to see the compiler's output, or use "
                            f"{fallback}.") from err
+    seconds = time.perf_counter() - start
+    if seconds > COMPILED_AFTER_S:  # loading a cached build takes milliseconds: this one was compiled
+        log.warning("lightning_ext: compiled %s in %.0f s (once per machine; cached under TORCH_EXTENSIONS_DIR)",
+                    what, seconds)
+    return module
 
 
 @functools.cache
@@ -75,7 +83,7 @@ def select_extension() -> ModuleType | None:
 def quest_extension() -> ModuleType:
     """QuEST's fused rotation + quantizer kernels (``nn/csrc/quest_cpu.cpp``, ~20 s to build on first use). No
     reassociation and no contraction into FMAs: the kernels must repeat the eager path's rounding bit for bit."""
-    return build("lightning_ext_quest_cpu", QUEST_SOURCE, "QuEST's fused quantizer (fused=True)",
+    return build("lightning_ext_quest_cpu", QUEST_SOURCE, "QuEST's fused quantizer kernels",
                  ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"], "fused=False")
 
 
@@ -83,6 +91,6 @@ def quest_extension() -> ModuleType:
 def onebit_extension() -> ModuleType:
     """OneBit's fused effective-weight kernels (``nn/csrc/onebit_cpu.cpp``, ~30 s to build on first use). Row and
     column sums may be reassociated (vectorised): this path is tested against the eager one to rounding."""
-    return build("lightning_ext_onebit_cpu", ONEBIT_SOURCE, "OneBit's fused layer (fused=True)",
+    return build("lightning_ext_onebit_cpu", ONEBIT_SOURCE, "OneBit's fused layer kernels",
                  ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
                   "-fno-signed-zeros", "-fopenmp"], "fused=False")

@@ -121,3 +121,51 @@ def test_fused_state_dict_resumes_on_the_eager_path():
     train(a, opt_a)
     train(b, opt_b)
     assert max_diff(a, b) <= 1e-12
+
+
+@pytest.mark.parametrize("cls,kw", [(AdamP, {"lr": 1e-3}), (SGDP, {"lr": 0.1, "momentum": 0.9}), (FAdam, {"lr": 1e-3})])
+def test_default_takes_the_fused_step_where_it_can(cls, kw, monkeypatch):
+    """fused=None is the fastest available path: the kernels for plain CPU float tensors; a path the user names
+    (foreach=False/True) is kept; tensors the kernels cannot take, and a machine where they cannot build (one log
+    line), get the eager paths instead of an error."""
+    from lightning_ext.optimizers import _fused_cpu, adamp, fadam
+
+    calls = []
+    ext = _fused_cpu.extension()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(ext, name)
+
+    monkeypatch.setattr(_fused_cpu, "extension", lambda: Spy())
+
+    def step(params, **extra):
+        calls.clear()
+        opt = cls(params, **kw, **extra)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        return bool(calls)
+
+    assert step([nn.Parameter(torch.randn(8, 4))])
+    assert step([nn.Parameter(torch.randn(8, 4, dtype=torch.float64))])
+    assert not step([nn.Parameter(torch.randn(8, 4))], foreach=False)
+    assert not step([nn.Parameter(torch.randn(8, 4))], foreach=True)
+    assert not step([nn.Parameter(torch.randn(8, 4))], fused=False)
+    assert not step([nn.Parameter(torch.randn(4, 8).t())])  # non-contiguous: the eager path, no refusal
+    assert not step([nn.Parameter(torch.randn(8, 4, dtype=torch.bfloat16))])
+    assert adamp.resolve_fused is fadam.resolve_fused
+    monkeypatch.setattr(_fused_cpu, "optional_extension", lambda: None)  # no compiler: the eager path
+    assert not step([nn.Parameter(torch.randn(8, 4))])
+
+
+def test_default_fused_step_is_the_fused_step_bit_for_bit():
+    """The default and fused=True are the same arithmetic (so every fused test above covers the default)."""
+    model = bn_mlp()
+    runs = []
+    for fused in (None, True):
+        m = copy.deepcopy(model)
+        train(m, AdamP(m.parameters(), lr=3e-3, weight_decay=1e-2, fused=fused))
+        runs.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    assert torch.equal(runs[0], runs[1])

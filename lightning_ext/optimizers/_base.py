@@ -16,6 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_ext._checks import check_bool
+from lightning_ext.optimizers import _fused_cpu
 from lightning_ext.optimizers._fused_cpu import check_fused_params
 from lightning_ext.optimizers._sharding import (
     check_full_shapes,
@@ -67,6 +68,19 @@ def _split_local_(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         local = t.to_local()
         local.view(-1).copy_(flat[at:at + local.numel()])
         at += local.numel()
+
+
+def resolve_fused(group: dict, params: list[torch.Tensor]) -> bool:
+    """Whether this step of ``group`` takes the fused C++ kernels. ``fused=None`` (the default) means the fastest
+    available path, as ``foreach=None`` does in torch.optim: the fused step when every parameter is a plain
+    contiguous float32/float64 CPU tensor, no path was asked for (``foreach`` left ``None``: ``foreach=False``
+    still means the single-tensor path) and the kernels build (else one log line, and ``foreach``'s choice)."""
+    fused = group.get("fused")
+    if fused is not None:
+        return fused
+    if group.get("foreach") is not None or not all(_fused_cpu.fusable(p) for p in params):
+        return False
+    return _fused_cpu.optional_extension() is not None
 
 
 class PerTensorOptimizer(Optimizer):

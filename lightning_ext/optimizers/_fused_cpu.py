@@ -43,19 +43,25 @@ def missing_build_requirement(source: Path | None = None) -> str | None:
 @functools.cache
 def extension() -> ModuleType:
     """Build (once per machine, about a minute) and load the fused optimizer kernels."""
-    return _cpp_build.build("lightning_ext_fused_cpu", SOURCE, "fused=True (the fused CPU optimizer kernels)", CFLAGS,
+    return _cpp_build.build("lightning_ext_fused_cpu", SOURCE, "the fused CPU optimizer kernels", CFLAGS,
                             "fused=False")
 
 
 @functools.cache
 def optional_extension() -> ModuleType | None:
-    """The optimizer kernels for a path that uses them when it can (FAdam on ZeRO partitions with the default
-    ``fused=None``), or ``None`` where they cannot be built: that path then runs eagerly (said once in the log)."""
+    """The optimizer kernels for a path that uses them when it can (the default ``fused=None``), or ``None`` where
+    they cannot be built: that path then runs eagerly (said once in the log)."""
     try:
         return extension()
     except RuntimeError as err:
         log.warning("lightning_ext: %s; the eager path runs instead", err)
         return None
+
+
+def fusable(p: torch.Tensor) -> bool:
+    """A tensor the fused kernels take: a plain (not DTensor) contiguous float32/float64 CPU tensor."""
+    return (p.device.type == "cpu" and p.dtype in SUPPORTED_DTYPES and p.is_contiguous()
+            and not hasattr(p, "to_local"))
 
 
 def check_fused_params(name: str, param_groups: list[dict]) -> None:

@@ -46,7 +46,8 @@ import torch
 
 from lightning_ext._checks import check_number
 from lightning_ext.optimizers import _fused_cpu
-from lightning_ext.optimizers._base import PerTensorOptimizer, _bump_versions, _check_betas, _check_flags, _use_foreach
+from lightning_ext.optimizers._base import (PerTensorOptimizer, _bump_versions, _check_betas, _check_flags,
+                                            _use_foreach, resolve_fused)
 from lightning_ext.optimizers._projection import (
     projection_coefficients,
     projection_partials,
@@ -71,7 +72,10 @@ class AdamP(PerTensorOptimizer):
         nesterov: Nesterov-style first moment.
         foreach: multi-tensor path (default: on for CUDA tensors, as in torch.optim).
         fused: the fused C++ CPU step (:mod:`._fused_cpu`; contiguous float32/float64 CPU parameters,
-            compiled on first use). Off by default.
+            compiled on first use). ``None`` (default) is the fastest available path, as torch's ``foreach=None``:
+            the fused step where every tensor of the group can take it, ``foreach`` is left ``None`` and the
+            kernels build (else, with one log line if they cannot build, ``foreach``'s choice); ``True`` requires
+            it; ``False`` never.
     """
 
     state_factories = {"step": lambda p: torch.tensor(0.0),
@@ -106,7 +110,7 @@ class AdamP(PerTensorOptimizer):
     def _update(self, group, params, grads, states) -> None:
         beta1, beta2 = group["betas"]
         adamp(params, grads, states["exp_avg"], states["exp_avg_sq"], states["step"], foreach=group["foreach"],
-              fused=group.get("fused"), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+              fused=resolve_fused(group, params), lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
               weight_decay=group["weight_decay"], delta=group["delta"], wd_ratio=group["wd_ratio"],
               nesterov=group["nesterov"])
 
@@ -287,7 +291,7 @@ class SGDP(PerTensorOptimizer):
                           wd_ratio=group["wd_ratio"])
 
     def _update(self, group, params, grads, states) -> None:
-        sgdp(params, grads, states["momentum"], foreach=group["foreach"], fused=group.get("fused"), lr=group["lr"],
+        sgdp(params, grads, states["momentum"], foreach=group["foreach"], fused=resolve_fused(group, params), lr=group["lr"],
              momentum=group["momentum"],
              dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
              eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"])

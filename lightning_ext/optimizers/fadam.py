@@ -59,7 +59,8 @@ import torch
 
 from lightning_ext._checks import check_choice, check_number
 from lightning_ext.optimizers import _fused_cpu
-from lightning_ext.optimizers._base import PerTensorOptimizer, _bump_versions, _check_betas, _check_flags, _use_foreach
+from lightning_ext.optimizers._base import (PerTensorOptimizer, _bump_versions, _check_betas, _check_flags,
+                                            _use_foreach, resolve_fused)
 
 __all__ = ["FAdam", "fadam", "EPS_MODES"]
 
@@ -90,8 +91,9 @@ class FAdam(PerTensorOptimizer):
         dead_coord_wd: ``"mask"`` or ``"paper"`` (see the module docstring).
         foreach: multi-tensor path (default: on for CUDA tensors, as in torch.optim).
         fused: the fused C++ CPU step (:mod:`._fused_cpu`; contiguous float32/float64 CPU parameters,
-            compiled on first use). Off by default for whole tensors; on DeepSpeed ZeRO partitions ``None`` takes
-            the fused partition kernels where they build (:func:`fadam_shard_fused`), ``False`` the eager rounds.
+            compiled on first use). ``None`` (default) is the fastest available path: on whole tensors as in
+            :class:`~lightning_ext.optimizers.AdamP`, on DeepSpeed ZeRO partitions the fused partition kernels
+            where they build (:func:`fadam_shard_fused`); ``False`` the eager rounds.
     """
 
     state_factories = {"step": lambda p: torch.tensor(0.0),
@@ -149,7 +151,7 @@ class FAdam(PerTensorOptimizer):
     def _update(self, group, params, grads, states) -> None:
         beta1, beta2 = group["betas"]
         fadam(params, grads, states["momentum"], states["fim"], states["step"], foreach=group["foreach"],
-              fused=group.get("fused"),
+              fused=resolve_fused(group, params),
               lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
               clip=group["clip"], p=group["p"], eps_mode=group["eps_mode"], eps2=group["eps2"],
               min_denominator=group["min_denominator"], dead_coord_wd=group["dead_coord_wd"])
