@@ -50,6 +50,33 @@ def projection_coefficients(w: torch.Tensor, g: torch.Tensor, d: torch.Tensor, d
     return coef.view([rows] + [1] * (w.dim() - 1)), channel | layer
 
 
+def project_on_cpu_(w: torch.Tensor, g: torch.Tensor, d: torch.Tensor, delta: float, eps: float) -> bool:
+    """:func:`projection_coefficients` and the projection of ``d`` (in place) with the reference's control flow,
+    for CPU tensors, where reading a decision is no device sync: the layer view is tested only when the channel
+    view fails, and nothing more is computed when neither passes — a third of the kernels of the branch-free form
+    on a tensor where the projection does not fire, which is what makes the eager path on many small tensors as
+    fast as the reference. The same quantities (norms by ``vector_norm`` instead of square roots of sums of
+    squares, the layer view's cosine in float64): equal to the branch-free form to rounding. Returns whether
+    ``d`` was projected."""
+    rows = w.shape[0]
+    w2, g2, d2 = w.reshape(rows, -1), g.reshape(rows, -1), d.reshape(rows, -1)
+    w_norm = torch.linalg.vector_norm(w2, dim=1)
+    g_norm = torch.linalg.vector_norm(g2, dim=1)
+    gw = torch.linalg.vecdot(g2, w2)
+    shape = [rows] + [1] * (w.dim() - 1)
+    channel_cos = (gw / (w_norm.clamp_min(eps) * g_norm.clamp_min(eps))).abs_().amax()
+    if channel_cos.item() < delta / math.sqrt(w2.shape[1]):
+        coef = torch.linalg.vecdot(w2, d2).div_(w_norm.add(eps).square_())
+    else:
+        w_all = torch.linalg.vector_norm(w_norm).item()
+        layer_cos = abs(gw.sum().item()) / (max(w_all, eps) * max(torch.linalg.vector_norm(g_norm).item(), eps))
+        if not layer_cos < delta / math.sqrt(w.numel()):
+            return False
+        coef = (torch.linalg.vecdot(w2, d2).sum() / (w_all + eps) ** 2).expand(rows)
+    d.addcmul_(w, coef.view(shape), value=-1)
+    return True
+
+
 # -- on shards ------------------------------------------------------------------------------------------------
 #: the per-row sums AdamP's projection needs, in this order: |w|^2, |g|^2, <g, w>, <w, d>
 PROJECTION_STATS = 4

@@ -49,6 +49,7 @@ from lightning_ext.optimizers import _fused_cpu
 from lightning_ext.optimizers._base import (PerTensorOptimizer, _bump_versions, _check_betas, _check_flags,
                                             _use_foreach, resolve_fused)
 from lightning_ext.optimizers._projection import (
+    project_on_cpu_,
     projection_coefficients,
     projection_partials,
     sharded_projection_coefficients,
@@ -128,11 +129,16 @@ def adamp(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[
        weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov)
 
 
-def _project_(d: torch.Tensor, p: torch.Tensor, g: torch.Tensor, delta: float, eps: float) -> torch.Tensor | None:
+def _project_(d: torch.Tensor, p: torch.Tensor, g: torch.Tensor, delta: float, eps: float
+              ) -> torch.Tensor | bool | None:
     """Remove the radial part of the update ``d`` in place where ``p`` is scale-invariant (ndim >= 2);
-    returns the 0-d "projected" flag, or ``None`` for tensors that are never tested."""
+    returns the "projected" flag (a 0-d tensor on accelerators, which must not sync; a bool on CPU, where the
+    reference's branches skip the work of a projection that does not fire), or ``None`` for tensors that are
+    never tested."""
     if p.dim() < 2:
         return None
+    if p.device.type == "cpu":
+        return project_on_cpu_(p, g, d, delta, eps)
     coef, projected = projection_coefficients(p, g, d, delta, eps)
     d.addcmul_(p, coef, value=-1)
     return projected
@@ -141,8 +147,10 @@ def _project_(d: torch.Tensor, p: torch.Tensor, g: torch.Tensor, delta: float, e
 def _decay_factor(projected: torch.Tensor | None, lr: float, weight_decay: float, wd_ratio: float,
                   like: torch.Tensor, divisor: float = 1.0) -> torch.Tensor | float:
     plain = 1 - lr * weight_decay / divisor
-    if projected is None:
+    if projected is None or projected is False:
         return plain
+    if projected is True:
+        return 1 - lr * weight_decay * wd_ratio / divisor
     # torch.full fills on the device; torch.tensor(x, device="cuda") would be a blocking host-to-device copy
     reduced = torch.full((), 1 - lr * weight_decay * wd_ratio / divisor, dtype=like.dtype, device=like.device)
     return torch.where(projected, reduced, plain)

@@ -157,7 +157,23 @@ class FAdam(PerTensorOptimizer):
               min_denominator=group["min_denominator"], dead_coord_wd=group["dead_coord_wd"])
 
 
-def _adaptive_eps(rms_g: torch.Tensor, eps: float, eps2: float, p: float, mode: str) -> torch.Tensor:
+def _host(t: torch.Tensor) -> torch.Tensor | float:
+    """A 0-d statistic as the eager paths use it: read into a Python float on CPU (no device sync there, and the
+    scalar arithmetic that follows costs no kernel launches — on many small tensors these launches were most of
+    the step), left a tensor elsewhere (no sync)."""
+    return t.item() if t.device.type == "cpu" else t
+
+
+def _adaptive_eps(rms_g: torch.Tensor | float, eps: float, eps2: float, p: float, mode: str) -> torch.Tensor | float:
+    if isinstance(rms_g, float):  # the same rules on a host scalar
+        if mode == "v3":
+            return eps * min(rms_g, 1.0)
+        if mode == "v2":
+            return min(eps2 * rms_g, eps)
+        if mode == "max":
+            return eps * max(rms_g, 1.0)
+        scaled = eps2 * rms_g
+        return scaled ** (2 * p) if rms_g > 0 and scaled < eps else eps ** (2 * p)
     if mode == "v3":
         return eps * rms_g.clamp_max(1.0)
     if mode == "v2":
@@ -169,11 +185,13 @@ def _adaptive_eps(rms_g: torch.Tensor, eps: float, eps2: float, p: float, mode: 
     return torch.where((rms_g > 0) & (scaled < eps), scaled.pow(2 * p), fallback)
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
+def _rms(x: torch.Tensor) -> torch.Tensor | float:
+    return _host(torch.linalg.vector_norm(x)) / math.sqrt(x.numel())
 
 
-def _clip_(x: torch.Tensor, rms: torch.Tensor, clip: float) -> torch.Tensor:
+def _clip_(x: torch.Tensor, rms: torch.Tensor | float, clip: float) -> torch.Tensor:
+    if isinstance(rms, float):
+        return x.div_(rms / clip) if rms / clip > 1.0 else x  # dividing by 1.0 would change nothing
     return x.div_((rms / clip).clamp_min(1.0))
 
 
@@ -181,9 +199,13 @@ def _decay_term(w: torch.Tensor, denom: torch.Tensor, fim: torch.Tensor, clip: f
     wbar = w.to(denom.dtype) / denom
     if dead_coord_wd == "paper":
         return _clip_(wbar, _rms(wbar), clip)
+    live = _host(torch.count_nonzero(fim))
+    if isinstance(live, int):  # on the host: nothing to mask when every coordinate is live (the common case)
+        if live < fim.numel():
+            wbar.masked_fill_(fim == 0, 0.0)
+        return _clip_(wbar, _host(torch.linalg.vector_norm(wbar)) / math.sqrt(max(live, 1)), clip)
     wbar.masked_fill_(fim == 0, 0.0)
-    live = torch.count_nonzero(fim).clamp_min(1).to(wbar.dtype)
-    return _clip_(wbar, torch.linalg.vector_norm(wbar) / live.sqrt(), clip)
+    return _clip_(wbar, torch.linalg.vector_norm(wbar) / live.clamp_min(1).to(wbar.dtype).sqrt(), clip)
 
 
 def fadam(params: list[torch.Tensor], grads: list[torch.Tensor], momenta: list[torch.Tensor],
@@ -333,7 +355,9 @@ def _single_tensor_fadam(params, grads, momenta, fims, steps, *, lr, beta1, beta
         g = g.to(f.dtype)
         f.mul_(b2).addcmul_(g, g, value=1 - b2)
         eps_t = _adaptive_eps(_rms(g), eps, eps2, p, eps_mode)
-        denom = (f.sqrt() if p == 0.5 else f.pow(p)).add_(eps_t).clamp_min_(min_denominator)
+        denom = (f.sqrt() if p == 0.5 else f.pow(p)).add_(eps_t)
+        if not (isinstance(eps_t, float) and eps_t > 2 * min_denominator):  # else the floor cannot bind: f >= 0
+            denom.clamp_min_(min_denominator)
         gbar = g / denom
         m.lerp_(_clip_(gbar, _rms(gbar), clip), 1 - beta1)
         if weight_decay > 0:
@@ -350,7 +374,7 @@ def _multi_tensor_fadam(params, grads, momenta, fims, steps, *, lr, beta1, beta2
     torch._foreach_addcmul_(fims, grads, grads, [1 - b for b in b2])
     sqrt_n = [math.sqrt(g.numel()) for g in grads]
     rms_g = torch._foreach_div(torch._foreach_norm(grads), sqrt_n)
-    eps_t = [_adaptive_eps(r, eps, eps2, p, eps_mode) for r in rms_g]
+    eps_t = [_adaptive_eps(_host(r), eps, eps2, p, eps_mode) for r in rms_g]
     denom = torch._foreach_sqrt(fims) if p == 0.5 else torch._foreach_pow(fims, p)
     torch._foreach_add_(denom, eps_t)
     torch._foreach_clamp_min_(denom, min_denominator)
