@@ -150,3 +150,20 @@ def test_fused_argument_is_checked_where_it_is_given():
         QuestLinear.from_linear(nn.Linear(128, 8), fused=1)
     assert all(layer.fused is False for layer in QuEST(fused=False, exclude=[]).prepare(
         nn.Sequential(nn.Linear(128, 128))).values())
+
+
+def test_a_fit_with_the_callback_runs_the_fused_path_by_default(tmp_path):
+    """What a user gets from the YAML/callback defaults: every quantized layer took the kernels."""
+    import lightning.pytorch as pl
+
+    from lightning_ext.data import DigitsDataModule
+    from lightning_ext.models import MLPClassifier
+
+    torch.manual_seed(0)
+    model = MLPClassifier(hidden=[128, 128], lr=1e-2)
+    quest = QuEST(bits=4, targets=["net.2"], log_every=1)  # the 128 -> 128 hidden layer
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", callbacks=[quest], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, DigitsDataModule(batch_size=16))
+    assert quest.layers and {layer.last_path for layer in quest.layers.values()} == {"fused"}
+    assert 0.5 < trainer.callback_metrics["quest/trust_fraction"] <= 1.0
