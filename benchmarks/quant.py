@@ -29,19 +29,7 @@ from benchmarks.runner import benchmark_args, compare
 from lightning_ext.nn.hadamard import block_hadamard
 from lightning_ext.nn.onebit import OneBitLinear
 from lightning_ext.nn.quest import QuestLinear
-from lightning_ext.nn.quest_fused import PATH as QUEST_KERNELS
-
-
-class _Butterflies(torch.autograd.Function):
-    """The fused path's rotation alone (its backward is the adjoint butterflies, no mask)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return QUEST_KERNELS.extension.rotate_rows(x.detach().contiguous(), 128)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return QUEST_KERNELS.extension.rotate_rows_back(grad.contiguous(), torch.empty(0, dtype=torch.bool), 128)
+from lightning_ext.nn.quest_fused import fused_rotate
 
 
 def make_cases(width: int, tokens: int) -> dict:
@@ -67,7 +55,7 @@ def make_cases(width: int, tokens: int) -> dict:
         return F.linear(block_hadamard(x, 128), block_hadamard(linear.weight, 128), linear.bias)
 
     def butterfly_rotation():
-        return F.linear(_Butterflies.apply(x), _Butterflies.apply(linear.weight), linear.bias)
+        return F.linear(fused_rotate(x, 128), fused_rotate(linear.weight, 128), linear.bias)
 
     return {"nn.Linear": run(lambda: linear(x)),
             "rotation only (matmul)": run(matmul_rotation),

@@ -107,6 +107,23 @@ def test_fused_layer_equals_its_eager_reference_and_is_close_to_the_matmul_path(
     assert moved.float().mean() < 1e-3
 
 
+def test_an_unquantized_input_gets_the_weights_rotation():
+    """W4A16 on the fused path: the input is rotated by the same butterflies as the weight (bit for bit the eager
+    fwht, forward and backward)."""
+    torch.manual_seed(4)
+    lin = nn.Linear(256, 16)
+    layer = QuestLinear.from_linear(lin, weight_bits=4, act_bits=None)
+    x, g = torch.randn(5, 256), torch.randn(5, 16)
+    xf, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = layer(xf)
+    out.backward(g)
+    assert layer.last_path == "fused"
+    ref = F.linear(fwht(xe, 128), _eager(lin.weight, 4, "gaussian", 1.0, 128).detach(), lin.bias)
+    ref.backward(g)
+    _same(out, ref)
+    _same(xf.grad, xe.grad)
+
+
 def test_export_of_a_fused_layer_repeats_its_forward():
     torch.manual_seed(3)
     layer = QuestLinear.from_linear(nn.Linear(256, 32), weight_bits=4, act_bits=4)

@@ -35,7 +35,7 @@ from torch import nn
 
 from lightning_ext._checks import check_bool, check_choice, check_int, check_number
 from lightning_ext.nn.hadamard import block_hadamard
-from lightning_ext.nn.quest_fused import fused_rotate_quantize, rotate, use_fused
+from lightning_ext.nn.quest_fused import fused_rotate, fused_rotate_quantize, rotate, use_fused
 from lightning_ext.surgery import OUTPUT_HEADS
 
 __all__ = ["ALPHA_STAR", "QuantizedRows", "QuestInt", "QuestLinear", "apply_quest", "convert_quest",
@@ -156,8 +156,9 @@ class QuestLinear(nn.Linear):
     ``quest_enabled = False`` makes the layer a plain linear (delayed start). ``fused``: the one-pass C++
     kernels of :mod:`lightning_ext.nn.quest_fused` (``None``, the default: where they run, else eager with one log
     line; ``True``: always, or an error; ``False``: the eager reference); ``last_path`` says which ran last
-    (``"fused"``/``"eager"``). :meth:`export` returns the integer form. ``last_stats`` holds ``{"weight": {...}, "input": {...}}`` (relative MSE, trust fraction)
-    from the last forward with ``collect_stats = True``.
+    (``"fused"``/``"eager"``). :meth:`export` returns the integer form. ``last_stats`` holds
+    ``{"weight": {...}, "input": {...}}`` (relative MSE, trust fraction) from the last forward with
+    ``collect_stats = True``.
     """
 
     #: the technique whose surgery installs this layer (lightning_ext.surgery refuses a second one on it)
@@ -205,7 +206,7 @@ class QuestLinear(nn.Linear):
             if self.act_bits is not None:
                 xr = fused_rotate_quantize(x, self.act_bits, self.scale, self.trust_scale, block, stats_x)
             else:
-                xr = self._rotate(x)
+                xr = fused_rotate(x, block)  # the weight's rotation: the butterflies
         else:
             w = trust_quantize(self._rotate(self.weight), self.weight_bits, self.scale, self.trust_scale, stats_w)
             xr = self._rotate(x)

@@ -47,6 +47,26 @@ def rotate(t: torch.Tensor, block: int) -> torch.Tensor:
     return PATH.extension.rotate_rows(rows, block).view(t.shape)
 
 
+class _FusedRotate(torch.autograd.Function):
+    """The butterfly rotation alone (an unquantized operand: ``act_bits=None``); its backward is the adjoint."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, block: int) -> torch.Tensor:
+        ctx.block = block
+        return rotate(x, block)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows = grad.reshape(-1, grad.shape[-1]).contiguous()
+        out = PATH.extension.rotate_rows_back(rows, torch.empty(0, dtype=torch.bool), ctx.block)
+        return out.view(grad.shape), None
+
+
+def fused_rotate(x: torch.Tensor, block: int | None) -> torch.Tensor:
+    """Differentiable ``fwht(x, block)`` on the butterfly kernels (``block=None``: ``x`` itself)."""
+    return x if block is None else _FusedRotate.apply(x, block)
+
+
 class _FusedRotateQuantize(torch.autograd.Function):
     """``Q(rotate(x))`` with the trust estimator, rows along the last dimension (see module docstring)."""
 
