@@ -13,6 +13,8 @@ The reference decides with ``if tensor < x:`` (a host sync per view per tensor).
 views' statistics come from the same row reductions (the layer view's dot products and norms
 are sums of the rows'), the decision is a 0-d boolean tensor, and the projection is one
 ``addcmul`` with a per-row coefficient chosen by ``torch.where`` — no host synchronisation.
+On CPU tensors there is no device to wait for, and :func:`project_on_cpu_` branches as the reference
+does (fewer kernels on many small tensors, where their launches dominate the step).
 The cosine uses ``torch.nn.functional.cosine_similarity``'s eps rule (each norm clamped at
 ``eps``), so results equal the reference's to rounding (float64 tests: <= 1e-10).
 """

@@ -20,8 +20,10 @@ tests: <= 1e-10 over 60 steps), written as torch.optim writes its optimizers: cl
 What differs from the reference, on purpose:
 
 * no host synchronisation in ``step``: the reference decides each projection with a Python
-  ``if`` on a tensor (1–2 device syncs per matrix per step); here the decision is a 0-d tensor
-  and the projection is selected with ``torch.where`` (see :mod:`._projection`);
+  ``if`` on a tensor (1–2 device syncs per matrix per step); here, on accelerators, the decision
+  is a 0-d tensor and the projection is selected with ``torch.where`` (see :mod:`._projection`).
+  On CPU, where reading a tensor is no device sync, the eager paths branch as the reference does
+  and skip the work of a projection that does not fire;
 * a ``foreach`` path (multi-tensor kernels for the moments, decay and update), and a ``fused``
   CPU path (one C++ kernel per tensor in two passes over memory, :mod:`._fused_cpu`);
 * ``state["step"]`` is a CPU tensor per parameter, as in ``torch.optim.Adam``.
@@ -299,8 +301,8 @@ class SGDP(PerTensorOptimizer):
                           wd_ratio=group["wd_ratio"])
 
     def _update(self, group, params, grads, states) -> None:
-        sgdp(params, grads, states["momentum"], foreach=group["foreach"], fused=resolve_fused(group, params), lr=group["lr"],
-             momentum=group["momentum"],
+        sgdp(params, grads, states["momentum"], foreach=group["foreach"], fused=resolve_fused(group, params),
+             lr=group["lr"], momentum=group["momentum"],
              dampening=group["dampening"], weight_decay=group["weight_decay"], nesterov=group["nesterov"],
              eps=group["eps"], delta=group["delta"], wd_ratio=group["wd_ratio"])
 
