@@ -81,10 +81,11 @@ def select_extension() -> ModuleType | None:
 
 @functools.cache
 def quest_extension() -> ModuleType:
-    """QuEST's fused rotation + quantizer kernels (``nn/csrc/quest_cpu.cpp``, ~20 s to build on first use). No
+    """QuEST's fused rotation + quantizer kernels (``nn/csrc/quest_cpu.cpp``, ~35 s to build on first use). No
     reassociation and no contraction into FMAs: the kernels must repeat the eager path's rounding bit for bit."""
     return build("lightning_ext_quest_cpu", QUEST_SOURCE, "QuEST's fused quantizer kernels",
-                 ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"], "fused=False")
+                 ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"],
+                 "fused=False")
 
 
 @functools.cache
