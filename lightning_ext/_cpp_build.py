@@ -15,8 +15,12 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 log = logging.getLogger(__name__)
 
+#: the dtypes every kernel of the suite takes (each C++ source dispatches on exactly these)
+KERNEL_DTYPES = (torch.float32, torch.float64)
 COMPILED_AFTER_S = 2.0  # a load slower than this compiled the extension (a cached one loads in milliseconds)
 
 SELECT_SOURCE = Path(__file__).with_name("optimizers") / "csrc" / "select_cpu.cpp"

@@ -12,9 +12,9 @@ from types import ModuleType
 
 import torch
 
-log = logging.getLogger(__name__)
+from lightning_ext._cpp_build import KERNEL_DTYPES
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+log = logging.getLogger(__name__)
 
 
 class FusedPath:
@@ -42,7 +42,7 @@ class FusedPath:
         """Why the kernels cannot take ``t`` (``None``: they can; builds the extension on first call)."""
         if t.device.type != "cpu":
             return f"the fused {self.name} kernels run on CPU tensors; this one is on {t.device}"
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             return f"the fused {self.name} kernels take float32/float64 tensors; this one is {t.dtype}"
         return self._built[1]
 

@@ -194,8 +194,7 @@ class OneBitPacked(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         signs = unpack_signs(self.packed, (self.out_features, self.in_features), self.g.dtype)
         if PATH.use(self.fused, signs, x):  # ±1 is its own sign: the kernel's W_eff is the training layer's
-            w = PATH.extension.effective_weight(signs, self.g.contiguous(), self.h.contiguous())
-            return _normalize(F.linear(x, w, self.bias), self.layer_norm)
+            return _normalize(F.linear(x, effective_weight(signs, self.g, self.h), self.bias), self.layer_norm)
         return OneBitLinear._combine(self, x, signs.to(x.dtype))
 
 

@@ -47,6 +47,12 @@ def rotate(t: torch.Tensor, block: int) -> torch.Tensor:
     return PATH.extension.rotate_rows(rows, block).view(t.shape)
 
 
+def _rotate_back(grad: torch.Tensor, mask: torch.Tensor | None, block: int) -> torch.Tensor:
+    """``grad · mask`` (``None``: no mask), then the adjoint rotation (``block=0``: none), rows along the last dim."""
+    rows = grad.reshape(-1, grad.shape[-1]).contiguous()
+    return PATH.extension.rotate_rows_back(rows, mask, block).view(grad.shape)
+
+
 class _FusedRotate(torch.autograd.Function):
     """The butterfly rotation alone (an unquantized operand: ``act_bits=None``); its backward is the adjoint."""
 
@@ -57,9 +63,7 @@ class _FusedRotate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rows = grad.reshape(-1, grad.shape[-1]).contiguous()
-        out = PATH.extension.rotate_rows_back(rows, torch.empty(0, dtype=torch.bool), ctx.block)
-        return out.view(grad.shape), None
+        return _rotate_back(grad, None, ctx.block), None
 
 
 def fused_rotate(x: torch.Tensor, block: int | None) -> torch.Tensor:
@@ -79,22 +83,18 @@ class _FusedRotateQuantize(torch.autograd.Function):
         rows = x.detach().reshape(-1, x.shape[-1]).contiguous()
         u = ext.rotate_rows(rows, block) if block else rows
         step = row_step(u, bits, scale)
+        # the mask is None for the plain straight-through estimator (trust_scale None)
         q, mask = ext.quantize_rows(u, step, bits, -1.0 if trust_scale is None else float(trust_scale))
-        ctx.block, ctx.shape = block or 0, x.shape
-        ctx.save_for_backward(mask if trust_scale is not None else None)
+        ctx.block = block or 0
+        ctx.save_for_backward(mask)
         if stats is not None:
-            record_stats(stats, q, u, mask if trust_scale is not None else None)
+            record_stats(stats, q, u, mask)
         return q.view(x.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (mask,) = ctx.saved_tensors
-        ext = PATH.extension
-        rows = grad.reshape(-1, grad.shape[-1]).contiguous()
-        if mask is None:
-            mask = torch.empty(0, dtype=torch.bool)
-        out = ext.rotate_rows_back(rows, mask, ctx.block)
-        return out.view(ctx.shape), None, None, None, None, None
+        return _rotate_back(grad, mask, ctx.block), None, None, None, None, None
 
 
 def fused_rotate_quantize(x: torch.Tensor, bits: int, scale: str = "gaussian", trust_scale: float | None = 1.0,

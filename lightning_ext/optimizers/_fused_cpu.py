@@ -26,7 +26,7 @@ from lightning_ext import _cpp_build
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_cpu.cpp"
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+SUPPORTED_DTYPES = _cpp_build.KERNEL_DTYPES
 # Reassociation lets the compiler vectorise the row sums (their order differs from ATen's anyway);
 # no -ffinite-math-only, so NaN/inf behave as in the eager path. -march=native: the build is cached
 # per machine (point TORCH_EXTENSIONS_DIR at a node-local folder on clusters with mixed CPUs).

@@ -34,36 +34,31 @@ constexpr int64_t kGrainElements = 1 << 15;
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)); }
 
-// y <- butterflies of y (stages h = 1, 2, 4, ...): (a, b) -> (a + b, a - b), as fwht's stack of a + b, a - b.
+// One butterfly stage of distance h over a block: (a, b) -> (a + b, a - b), as fwht's stack of a + b, a - b (and,
+// backward, autograd's (g1, g2) -> (g1 + g2, g1 - g2): the same operation).
 template <typename T>
-inline void butterflies(T* y, int64_t block) {
-  for (int64_t h = 1; h < block; h *= 2) {
-    for (int64_t i = 0; i < block; i += 2 * h) {
-      T* a = y + i;
-      T* b = y + i + h;
-      for (int64_t j = 0; j < h; ++j) {
-        const T x = a[j], z = b[j];
-        a[j] = x + z;
-        b[j] = x - z;
-      }
+inline void stage(T* y, int64_t block, int64_t h) {
+  for (int64_t i = 0; i < block; i += 2 * h) {
+    T* a = y + i;
+    T* b = y + i + h;
+    for (int64_t j = 0; j < h; ++j) {
+      const T x = a[j], z = b[j];
+      a[j] = x + z;
+      b[j] = x - z;
     }
   }
 }
 
-// The adjoint of `butterflies` as autograd computes it: the stages in reverse order, (g1, g2) -> (g1 + g2, g1 - g2).
+// y <- butterflies of y, stages h = 1, 2, 4, ...
+template <typename T>
+inline void butterflies(T* y, int64_t block) {
+  for (int64_t h = 1; h < block; h *= 2) stage(y, block, h);
+}
+
+// The adjoint of `butterflies` as autograd computes it: the same stages in reverse order.
 template <typename T>
 inline void butterflies_back(T* y, int64_t block) {
-  for (int64_t h = block / 2; h >= 1; h /= 2) {
-    for (int64_t i = 0; i < block; i += 2 * h) {
-      T* a = y + i;
-      T* b = y + i + h;
-      for (int64_t j = 0; j < h; ++j) {
-        const T x = a[j], z = b[j];
-        a[j] = x + z;
-        b[j] = x - z;
-      }
-    }
-  }
+  for (int64_t h = block / 2; h >= 1; h /= 2) stage(y, block, h);
 }
 
 #if defined(__AVX512F__)
@@ -198,7 +193,7 @@ torch::Tensor rotate_rows(const torch::Tensor& x, int64_t block) {
   return out;
 }
 
-// Quantize each row of u with its step (rows x 1): returns (q, mask). mask is empty when trust < 0 (plain STE).
+// Quantize each row of u with its step (rows x 1): returns (q, mask); mask is None when trust < 0 (plain STE).
 std::vector<torch::Tensor> quantize_rows(const torch::Tensor& u, const torch::Tensor& step, int64_t bits,
                                          double trust) {
   check_rows(u, "u");
@@ -243,12 +238,14 @@ std::vector<torch::Tensor> quantize_rows(const torch::Tensor& u, const torch::Te
   return {q, mask};
 }
 
-// Backward of quantize (grad · mask; no mask: the gradient itself) followed, when block > 0, by the adjoint of
+// Backward of quantize (grad · mask; mask None: the gradient itself) followed, when block > 0, by the adjoint of
 // rotate_rows (/ sqrt(block), then the reverse butterflies).
-torch::Tensor rotate_rows_back(const torch::Tensor& grad, const torch::Tensor& mask, int64_t block) {
+torch::Tensor rotate_rows_back(const torch::Tensor& grad, const c10::optional<torch::Tensor>& mask_or_none,
+                               int64_t block) {
   check_rows(grad, "grad");
   const int64_t rows = grad.size(0), cols = grad.size(1);
-  const bool masked = mask.defined() && mask.numel() > 0;
+  const bool masked = mask_or_none.has_value() && mask_or_none->defined();
+  const torch::Tensor mask = masked ? *mask_or_none : torch::Tensor();
   if (masked) {
     TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.is_contiguous() && mask.sizes() == grad.sizes(),
                 "mask must be a contiguous bool tensor of grad's shape");
